@@ -1,0 +1,179 @@
+"""CIFAR-10 / CIFAR-100 held in memory as one uint8 tensor, and batch-wise preprocessing.
+
+Reading: the official "python version" layouts are unpickled here directly, so any copy in that
+layout works (torchvision's md5 check of extracted files would reject re-encoded copies).
+torchvision is used only to download (and checksum) the archive when the folder is missing.
+
+Preprocessing happens on whole batches on the training device: uint8 -> float, normalise with
+the training split's mean/std, random crop from a padded image and horizontal flip.
+"""
+import os
+import pickle
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = {
+    "cifar10": {
+        "folder": "cifar-10-batches-py",
+        "train_files": [f"data_batch_{i}" for i in range(1, 6)],
+        "test_files": ["test_batch"],
+        "label_key": b"labels",
+        "meta_file": "batches.meta",
+        "names_key": b"label_names",
+        "num_classes": 10,
+        "download": "CIFAR10",
+        "pretty": "CIFAR-10",
+    },
+    "cifar100": {
+        "folder": "cifar-100-python",
+        "train_files": ["train"],
+        "test_files": ["test"],
+        "label_key": b"fine_labels",
+        "meta_file": "meta",
+        "names_key": b"fine_label_names",
+        "num_classes": 100,
+        "download": "CIFAR100",
+        "pretty": "CIFAR-100",
+    },
+}
+
+
+class DataError(Exception):
+    """A dataset that is missing or unreadable; the message is meant for the user as is."""
+
+
+def _unpickle(path):
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except FileNotFoundError:
+        raise DataError(f"missing dataset file {path}") from None
+    except Exception as e:  # truncated or not a pickle at all
+        raise DataError(f"corrupt dataset file {path}: {type(e).__name__}: {e}") from None
+
+
+def _read_batch(path, label_key, num_classes):
+    d = _unpickle(path)
+    if not isinstance(d, dict) or b"data" not in d or label_key not in d:
+        raise DataError(f"corrupt dataset file {path}: expected a dict with "
+                        f"'data' and '{label_key.decode()}'")
+    data = np.asarray(d[b"data"])
+    labels = np.asarray(d[label_key])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"corrupt dataset file {path}: 'data' is {data.dtype} {data.shape}, "
+                        f"expected uint8 (N, 3072)")
+    if labels.ndim != 1 or len(labels) != len(data):
+        raise DataError(f"corrupt dataset file {path}: {len(data)} images but "
+                        f"{labels.size} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"corrupt dataset file {path}: labels outside 0..{num_classes - 1}")
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return images, torch.from_numpy(labels.astype(np.int64))
+
+
+def _download(root, spec):
+    """Fetch the official archive with torchvision (which checks its md5); any failure becomes
+    one line telling the user where the files belong."""
+    target = os.path.join(root, spec["folder"])
+    try:
+        import torchvision
+        getattr(torchvision.datasets, spec["download"])(root, train=True, download=True)
+    except Exception as e:
+        raise DataError(
+            f"{spec['pretty']} not found in {target} and the download failed "
+            f"({type(e).__name__}); put the extracted python version there "
+            f"(offline: python ../shared/data/cifar10_from_jpeg.py {root})") from None
+
+
+def load_cifar(root, dataset="cifar10", download=True):
+    """Return dict(train_x, train_y, test_x, test_y, classes); images uint8 (N, 3, 32, 32)."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    spec = DATASETS[dataset]
+    folder = os.path.join(root, spec["folder"])
+    if not os.path.isdir(folder):
+        if not download:
+            raise DataError(f"{spec['pretty']} not found in {folder}; put the extracted "
+                            f"python version there")
+        _download(root, spec)
+
+    meta = _unpickle(os.path.join(folder, spec["meta_file"]))
+    names = meta.get(spec["names_key"]) if isinstance(meta, dict) else None
+    if not names or len(names) != spec["num_classes"]:
+        raise DataError(f"corrupt dataset file {os.path.join(folder, spec['meta_file'])}: "
+                        f"expected {spec['num_classes']} class names")
+    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+    out = {"classes": classes}
+    for split in ("train", "test"):
+        parts = [_read_batch(os.path.join(folder, f), spec["label_key"], spec["num_classes"])
+                 for f in spec[f"{split}_files"]]
+        out[f"{split}_x"] = torch.cat([p[0] for p in parts])
+        out[f"{split}_y"] = torch.cat([p[1] for p in parts])
+    return out
+
+
+def stratified_split(labels, val_size, seed=0):
+    """Indices (train, val): val_size images drawn per class in proportion to its frequency,
+    the same for a given seed whatever else the program does."""
+    n = len(labels)
+    if not 0 <= val_size < n:
+        raise ValueError(f"validation size must be in 0..{n - 1}, got {val_size}")
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    counts = torch.bincount(labels)
+    quota = counts * val_size // n
+    # Hand out what integer division left over to the largest classes first.
+    leftover = val_size - int(quota.sum())
+    quota[torch.argsort(counts, descending=True, stable=True)[:leftover]] += 1
+    val = torch.cat([perm[labels[perm] == c][:q] for c, q in enumerate(quota.tolist())])
+    is_val = torch.zeros(n, dtype=torch.bool)
+    is_val[val] = True
+    return torch.nonzero(~is_val).flatten(), torch.sort(val).values
+
+
+def channel_stats(images):
+    """Per-channel mean and std of uint8 images, on the 0..1 scale."""
+    x = images.double().div_(255)
+    return x.mean((0, 2, 3)).float(), x.std((0, 2, 3)).float()
+
+
+def normalize(images, mean, std):
+    """uint8 (N, 3, H, W) -> float32 normalised, on the images' device."""
+    mean = mean.to(images.device).view(1, -1, 1, 1)
+    std = std.to(images.device).view(1, -1, 1, 1)
+    return (images.float().div_(255) - mean) / std
+
+
+def one_hot(labels, num_classes, smoothing=0.0):
+    """Soft targets: 1 - smoothing on the true class plus smoothing spread over all classes."""
+    targets = F.one_hot(labels, num_classes).float()
+    return targets * (1 - smoothing) + smoothing / num_classes
+
+
+def random_crop(x, pad, gen):
+    """Each image shifted by its own random offset in [-pad, pad]^2, zero-filled (after
+    normalisation zero is the mean colour): a crop from the padded image, as one gather."""
+    n, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen, device=gen.device).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen, device=gen.device).to(x.device)
+    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    return xp[batch, chans, rows, cols]
+
+
+def random_flip(x, gen):
+    """Each image mirrored left-right with probability 1/2."""
+    flip = torch.rand(len(x), generator=gen, device=gen.device).to(x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def augment(x, gen, crop_pad=4):
+    if crop_pad:
+        x = random_crop(x, crop_pad, gen)
+    return random_flip(x, gen)

@@ -1,0 +1,137 @@
+"""Predict with trained weights: a test-set report, or the top-3 classes of image files.
+
+    python src/inference.py                      # test set: accuracy, per class, confusion
+    python src/inference.py cat.jpg ship.png     # top-3 classes per image
+    python src/inference.py --json ...           # the same as JSON on stdout
+"""
+import json
+import os
+import sys
+
+import torch
+
+import cli
+from data import DataError, load_cifar
+from device import pick_device
+from model import MODELS, build_model, predict_logits
+
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                               "weights", "seed_cifar10.pt")
+WEIGHTS_KEYS = ("model", "dataset", "classes", "mean", "std", "state_dict")
+
+
+def get_args(argv=None):
+    p = cli.parser(__doc__.split("\n\n")[0])
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="PNG/JPEG files (any size)")
+    p.add_argument("--weights", default=os.path.normpath(DEFAULT_WEIGHTS))
+    p.add_argument("--data-dir", default="data", help="where the dataset is (test-set report)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p.parse_args(argv)
+
+
+def load_weights(path):
+    """(model in eval mode on the CPU, weights dict) from a weights file written by train.py."""
+    if not os.path.isfile(path):
+        raise DataError(f"no weights file at {path}")
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"cannot read weights file {path}: {type(e).__name__}") from None
+    if not isinstance(weights, dict) or any(k not in weights for k in WEIGHTS_KEYS):
+        raise DataError(f"{path} is not a weights file of this repo (expected keys "
+                        f"{', '.join(WEIGHTS_KEYS)})")
+    if weights["model"] not in MODELS:
+        raise DataError(f"{path} holds unknown model {weights['model']!r}")
+    model = build_model(weights["model"], len(weights["classes"]))
+    try:
+        model.load_state_dict(weights["state_dict"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise DataError(f"{path} does not fit model {weights['model']!r}: "
+                        f"{first[1].strip() if len(first) > 1 else first[0]}") from None
+    return model.eval(), weights
+
+
+def read_image(path):
+    """uint8 (3, 32, 32) RGB from any image file PIL can read, resized as a whole."""
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.isfile(path):
+        raise DataError(f"no such image file: {path}")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"not a readable image: {path} ({type(e).__name__})") from None
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(32, 32, 3) \
+        .permute(2, 0, 1)
+
+
+def test_report(model, weights, data, device):
+    labels = data["test_y"].to(device)
+    mean, std = torch.tensor(weights["mean"]), torch.tensor(weights["std"])
+    pred = predict_logits(model, data["test_x"].to(device), mean, std).argmax(1)
+    n = len(weights["classes"])
+    confusion = torch.bincount(labels * n + pred, minlength=n * n).view(n, n).cpu()
+    per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1)
+    return {"accuracy": confusion.diag().sum().item() / len(labels),
+            "per_class": dict(zip(weights["classes"], per_class.tolist())),
+            "confusion": confusion.tolist()}
+
+
+def print_report(report, classes):
+    total = sum(map(sum, report["confusion"]))
+    print(f"test accuracy: {report['accuracy']:.4f} of {total} images")
+    width = max(len(c) for c in classes)
+    for c, acc in report["per_class"].items():
+        print(f"  {c:<{width}}  {acc:.4f}")
+    print("confusion matrix (rows: true class, columns: predicted):")
+    cell = max(5, len(str(max(max(r) for r in report["confusion"]))) + 1)
+    print(" " * (width + 2) + "".join(f"{c[:cell - 1]:>{cell}}" for c in classes))
+    for c, row in zip(classes, report["confusion"]):
+        print(f"  {c:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+
+
+def classify_images(model, weights, images, paths, device):
+    images = images.to(device)
+    mean, std = torch.tensor(weights["mean"]), torch.tensor(weights["std"])
+    probs = predict_logits(model, images, mean, std).softmax(1)
+    top = probs.topk(min(3, probs.shape[1]), dim=1)
+    return [{"path": p, "top": [{"class": weights["classes"][i], "prob": v}
+                                for v, i in zip(vals.tolist(), idx.tolist())]}
+            for p, vals, idx in zip(paths, top.values, top.indices)]
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        # Every input is read and checked before the device is picked and anything printed.
+        model, weights = load_weights(args.weights)
+        if args.images:
+            images = torch.stack([read_image(p) for p in args.images])
+        else:
+            data = load_cifar(args.data_dir, weights["dataset"])
+            if data["classes"] != weights["classes"]:
+                raise DataError(f"the classes in {args.data_dir} differ from those of the weights")
+        device = pick_device(args.device)
+        model.to(device)
+        if args.images:
+            results = classify_images(model, weights, images, args.images, device)
+            if args.json:
+                print(json.dumps(results))
+            else:
+                for r in results:
+                    print(f"{r['path']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}"
+                                                       for t in r["top"]))
+        else:
+            report = test_report(model, weights, data, device)
+            if args.json:
+                print(json.dumps(report))
+            else:
+                print_report(report, weights["classes"])
+    except (DataError, ValueError, OSError) as e:
+        cli.fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

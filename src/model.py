@@ -1,0 +1,275 @@
+"""The hand-written convolution and the networks built from it.
+
+`Conv2d` is a drop-in replacement for `torch.nn.Conv2d` (same parameters, same initialisation,
+same outputs and gradients) whose forward and backward are made only of tensor operations:
+a strided view of the padded input (im2col without a native kernel), one matrix product, and
+for the backward the transposed products plus a sum of shifted slices (col2im, i.e. fold).
+No native convolution (`F.conv2d`, cuDNN, mkldnn) runs anywhere in it.
+
+Every network is reached through `build_model(name, num_classes, conv=...)`; new networks
+register themselves in `MODELS` with the `@register` decorator.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from data import normalize
+
+
+# ----------------------------------------------------------------------------------------------
+# The convolution as tensor operations
+
+def _patches(xp, kernel_size, stride, dilation, groups, out_hw):
+    """A view (N, Ho, Wo, G, kh, kw, C/G) of every receptive field of the padded input.
+
+    Works for any memory layout of `xp` because it uses the tensor's own strides; reshaping the
+    view to (N*Ho*Wo, G, kh*kw*C/G) is the only copy (the im2col matrix)."""
+    n, c = xp.shape[:2]
+    sn, sc, sh, sw = xp.stride()
+    (kh, kw), (st_h, st_w), (d_h, d_w), (ho, wo) = kernel_size, stride, dilation, out_hw
+    cg = c // groups
+    return xp.as_strided(
+        (n, ho, wo, groups, kh, kw, cg),
+        (sn, sh * st_h, sw * st_w, cg * sc, sh * d_h, sw * d_w, sc),
+        xp.storage_offset())
+
+
+def _pad_channels_last(x, pads):
+    """Zero-pad (left, right, top, bottom) and lay the result out channels-last in one copy.
+
+    Channels-last makes every receptive-field row of the im2col matrix a run of contiguous
+    memory, which is what keeps the gather (and the matmul after it) fast."""
+    left, right, top, bottom = pads
+    n, c, h, w = x.shape
+    xp = x.new_zeros((n, h + top + bottom, w + left + right, c)).permute(0, 3, 1, 2)
+    xp[:, :, top:top + h, left:left + w] = x
+    return xp
+
+
+class _UnfoldMatmulConv(torch.autograd.Function):
+    """y = im2col(x) @ W^T + b, with the backward written out rather than traced.
+
+    Autograd through `as_strided` would scatter gradients element by element; here the weight
+    gradient is one matmul of the saved im2col matrix with the output gradient, and the input
+    gradient is one matmul followed by kh*kw shifted, strided adds (the adjoint of im2col)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, pads, dilation, groups):
+        n, c, h, w = x.shape
+        out_c, cg, kh, kw = weight.shape
+        left, right, top, bottom = pads
+        ho = (h + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (w + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        if ho < 1 or wo < 1:
+            raise ValueError(f"Conv2d: kernel {(kh, kw)} with dilation {tuple(dilation)} is "
+                             f"larger than the padded input {(h + top + bottom, w + left + right)}")
+        xp = _pad_channels_last(x, pads)
+        cols = _patches(xp, (kh, kw), stride, dilation, groups, (ho, wo))
+        cols = cols.reshape(n * ho * wo, groups, kh * kw * cg)               # (M, G, K)
+        # Weight as (G, K, O/G) with K ordered (kh, kw, C/G) like the columns.
+        w_mat = weight.view(groups, out_c // groups, cg, kh, kw).permute(0, 3, 4, 2, 1)
+        w_mat = w_mat.reshape(groups, kh * kw * cg, out_c // groups)
+        if groups == 1:
+            cols2d = cols.view(cols.shape[0], -1)
+            out = torch.addmm(bias, cols2d, w_mat[0]) if bias is not None else cols2d @ w_mat[0]
+        else:
+            out = torch.bmm(cols.transpose(0, 1), w_mat).transpose(0, 1).reshape(-1, out_c)
+            if bias is not None:
+                out = out + bias
+        ctx.save_for_backward(cols, w_mat)
+        ctx.geometry = (x.shape, weight.shape, stride, pads, dilation, groups, (ho, wo),
+                        bias is not None)
+        return out.view(n, ho, wo, out_c).permute(0, 3, 1, 2)              # NCHW, channels-last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        cols, w_mat = ctx.saved_tensors
+        x_shape, w_shape, stride, pads, dilation, groups, (ho, wo), has_bias = ctx.geometry
+        n, c, h, w = x_shape
+        out_c, cg, kh, kw = w_shape
+        og = out_c // groups
+        go = grad_out.permute(0, 2, 3, 1).reshape(-1, groups, og)            # (M, G, O/G)
+        grad_x = grad_w = grad_b = None
+
+        if ctx.needs_input_grad[1]:
+            gw = torch.bmm(go.permute(1, 2, 0), cols.transpose(0, 1))        # (G, O/G, K)
+            grad_w = gw.view(out_c, kh, kw, cg).permute(0, 3, 1, 2).contiguous()
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = go.sum(0).reshape(out_c)
+        if ctx.needs_input_grad[0]:
+            gcols = torch.bmm(go.transpose(0, 1), w_mat.transpose(1, 2))    # (G, M, K)
+            gcols = gcols.view(groups, n, ho, wo, kh, kw, cg)
+            left, right, top, bottom = pads
+            hp, wp = h + top + bottom, w + left + right
+            gxp = grad_out.new_zeros((n, hp, wp, groups, cg))
+            for i in range(kh):
+                for j in range(kw):
+                    r0, c0 = i * dilation[0], j * dilation[1]
+                    gxp[:, r0:r0 + (ho - 1) * stride[0] + 1:stride[0],
+                        c0:c0 + (wo - 1) * stride[1] + 1:stride[1]] += \
+                        gcols[:, :, :, :, i, j].permute(1, 2, 3, 0, 4)
+            gxp = gxp.view(n, hp, wp, c)[:, top:top + h, left:left + w]
+            grad_x = gxp.permute(0, 3, 1, 2)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def conv2d_unfold(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Functional form of the hand-written convolution (same arguments as `F.conv2d`, padding
+    also as a 4-tuple (left, right, top, bottom))."""
+    stride, dilation = _pair(stride), _pair(dilation)
+    if isinstance(padding, int) or len(padding) == 2:
+        ph, pw = _pair(padding)
+        padding = (pw, pw, ph, ph)
+    if x.dim() != 4:
+        raise ValueError(f"Conv2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"Conv2d expects {weight.shape[1] * groups} input channels, "
+                         f"got {x.shape[1]}")
+    # Under autocast the matmuls run in the autocast dtype, as cuDNN's convolution would.
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return _UnfoldMatmulConv.apply(x, weight, bias, stride, tuple(padding), dilation,
+                                           groups)
+    return _UnfoldMatmulConv.apply(x, weight, bias, stride, tuple(padding), dilation, groups)
+
+
+class Conv2d(nn.Module):
+    """`torch.nn.Conv2d` re-implemented with unfold + matmul (zero padding only)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, device=None, dtype=None):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError("in_channels and out_channels must be divisible by groups")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.dilation = _pair(dilation)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', "
+                                 f"got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(
+            (out_channels, in_channels // groups, *self.kernel_size), **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # The same draws, in the same order, as torch.nn.Conv2d: equal seeds give equal weights.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            if fan_in:
+                bound = 1 / math.sqrt(fan_in)
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    def _explicit_padding(self):
+        """(left, right, top, bottom); 'same' puts the odd pixel right/bottom as PyTorch does."""
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        if self.padding == "same":
+            pads = []
+            for d, k in zip(self.dilation[::-1], self.kernel_size[::-1]):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return tuple(pads)
+        ph, pw = self.padding
+        return (pw, pw, ph, ph)
+
+    def forward(self, x):
+        return conv2d_unfold(x, self.weight, self.bias, self.stride, self._explicit_padding(),
+                             self.dilation, self.groups)
+
+    def extra_repr(self):
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + ("" if self.bias is not None else ", bias=False")
+
+
+@torch.no_grad()
+def predict_logits(model, images, mean, std, batch_size=1000):
+    """Logits (float32) for uint8 images, in eval mode and in batches, on the images' device."""
+    model.eval()
+    return torch.cat([model(normalize(images[i:i + batch_size], mean, std)).float()
+                      for i in range(0, len(images), batch_size)])
+
+
+CONVS = {"hand": Conv2d, "native": nn.Conv2d}   # "native" exists only for tests and benchmarks
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+
+MODELS = {}
+
+
+def register(name):
+    def add(fn):
+        MODELS[name] = fn
+        return fn
+    return add
+
+
+def build_model(name, num_classes=10, conv="hand"):
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
+    if conv not in CONVS:
+        raise ValueError(f"unknown conv {conv!r}; choose from {', '.join(CONVS)}")
+    return MODELS[name](num_classes, CONVS[conv])
+
+
+class SeedNet(nn.Module):
+    """The seed network: three conv+ReLU layers, each followed by the one shared 2x2 max-pool,
+    then three fully connected layers with dropout before the second and the third.
+
+    32x32 -> 16x16 -> 8x8 -> 4x4 spatially. Widths are chosen so that 25 epochs train on a
+    2-core CPU in about an hour (see README); the structure is the seed's."""
+
+    def __init__(self, num_classes=10, conv=Conv2d, widths=(64, 128, 256), hidden=(512, 256),
+                 dropout=0.3):
+        super().__init__()
+        c1, c2, c3 = widths
+        self.conv1 = conv(3, c1, 3, padding=1)
+        self.conv2 = conv(c1, c2, 3, padding=1)
+        self.conv3 = conv(c2, c3, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(c3 * 4 * 4, hidden[0])
+        self.dropout1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden[0], hidden[1])
+        self.dropout2 = nn.Dropout(dropout)
+        self.fc3 = nn.Linear(hidden[1], num_classes)
+        # He initialisation suits ReLU without normalisation layers better than PyTorch's
+        # default (which is scaled for a leaky slope of sqrt(5)); biases start at zero.
+        for m in self.modules():
+            if isinstance(m, (conv, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = self.pool(F.relu(self.conv3(x)))
+        x = torch.flatten(x, 1)
+        x = self.dropout1(F.relu(self.fc1(x)))
+        x = self.dropout2(F.relu(self.fc2(x)))
+        return self.fc3(x)
+
+
+@register("seed")
+def seed_net(num_classes, conv):
+    return SeedNet(num_classes, conv)

@@ -1,0 +1,74 @@
+"""Synthetic datasets in the official CIFAR python layouts, written to a temp dir per test."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
+
+
+def _dump(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)  # the protocol of the official files
+
+
+def write_cifar10(root, per_file=40, n_test=30, seed=0):
+    """data_batch_1..5 + test_batch + batches.meta with random pixels and cycling labels."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for i, name in enumerate(names):
+        n = n_test if name == "test_batch" else per_file
+        _dump(os.path.join(folder, name), {
+            b"batch_label": name.encode(),
+            b"labels": [(i + j) % 10 for j in range(n)],
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"filenames": [f"{name}_{j}.png".encode() for j in range(n)]})
+    _dump(os.path.join(folder, "batches.meta"), {
+        b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072,
+        b"num_cases_per_batch": per_file})
+    return folder
+
+
+def write_cifar100(root, n_train=300, n_test=100, seed=0):
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = [j % 100 for j in range(n)]
+        _dump(os.path.join(folder, name), {
+            b"filenames": [f"{j}.png".encode() for j in range(n)], b"batch_label": name.encode(),
+            b"fine_labels": fine, b"coarse_labels": [f // 5 for f in fine],
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)})
+    _dump(os.path.join(folder, "meta"), {
+        b"fine_label_names": [f"class_{i:02d}".encode() for i in range(100)],
+        b"coarse_label_names": [f"super_{i:02d}".encode() for i in range(20)]})
+    return folder
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck"]
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path):
+    root = tmp_path / "data"
+    write_cifar10(str(root))
+    return str(root)
+
+
+@pytest.fixture
+def cifar100_dir(tmp_path):
+    root = tmp_path / "data100"
+    write_cifar100(str(root))
+    return str(root)
+
+
+def run_script(script, *args, cwd=None):
+    """Run a script of src/ as the user would; returns the CompletedProcess (text)."""
+    return subprocess.run([sys.executable, os.path.join(SRC, script), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)

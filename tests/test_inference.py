@@ -1,0 +1,130 @@
+"""inference.py on the test set and on image files, text and JSON, and its refusals."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CIFAR10_CLASSES, run_script
+from data import load_cifar
+from inference import load_weights
+from model import predict_logits
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(weights path, data dir) from a real 1-epoch run on synthetic files."""
+    from conftest import write_cifar10
+    root = tmp_path_factory.mktemp("inference")
+    data = str(root / "data")
+    write_cifar10(data)
+    result = run_script("train.py", "--epochs", "1", "--val-size", "20", "--batch-size", "32",
+                        "--device", "cpu", "--data-dir", data, "--out", root / "run")
+    assert result.returncode == 0, result.stderr
+    return root / "run" / "weights.pt", data
+
+
+def test_test_set_report_as_json(trained):
+    weights, data = trained
+    result = run_script("inference.py", "--weights", weights, "--data-dir", data, "--json",
+                        "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report) == {"accuracy", "per_class", "confusion"}
+    confusion = np.array(report["confusion"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 30
+    assert confusion.sum(1).tolist() == [3] * 10            # 30 test images, labels cycle
+    assert report["accuracy"] == pytest.approx(np.trace(confusion) / 30)
+    assert list(report["per_class"]) == CIFAR10_CLASSES
+    assert report["per_class"]["cat"] == pytest.approx(confusion[3, 3] / 3)
+    # The same number train.py recorded when it evaluated the test set.
+    recorded = torch.load(weights, weights_only=True)["test_accuracy"]
+    assert report["accuracy"] == pytest.approx(recorded, abs=1e-6)
+
+
+def test_test_set_report_as_text(trained):
+    weights, data = trained
+    result = run_script("inference.py", "--weights", weights, "--data-dir", data)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("test accuracy: ") and lines[0].endswith(" of 30 images")
+    assert lines[1].split()[0] == "airplane" and lines[10].split()[0] == "truck"
+    assert lines[11] == "confusion matrix (rows: true class, columns: predicted):"
+    assert lines[12].split() == [c[:4] for c in CIFAR10_CLASSES]
+    assert sum(sum(map(int, line.split()[1:])) for line in lines[13:23]) == 30
+
+
+def test_image_files_top3_json_in_the_given_order(trained, tmp_path):
+    weights, data = trained
+    test_x = load_cifar(data, download=False)["test_x"]
+    paths = []
+    for i in (4, 0, 7):                        # 32x32 PNGs of test images: lossless round trip
+        path = tmp_path / f"test_{i}.png"
+        Image.fromarray(test_x[i].permute(1, 2, 0).numpy()).save(path)
+        paths.append(str(path))
+    big = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), np.uint8)).convert(
+        "L").save(big)                         # grayscale, not 32x32: converted and resized
+    paths.append(str(big))
+
+    result = run_script("inference.py", "--weights", weights, "--json", *paths)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert [r["path"] for r in out] == paths
+    model, w = load_weights(str(weights))
+    expected = predict_logits(model, test_x[[4, 0, 7]], torch.tensor(w["mean"]),
+                              torch.tensor(w["std"])).softmax(1)
+    for r, probs in zip(out, expected):
+        assert len(r["top"]) == 3 and r["top"][0]["class"] == CIFAR10_CLASSES[probs.argmax()]
+        assert r["top"][0]["prob"] == pytest.approx(probs.max().item(), abs=1e-6)
+        assert [t["prob"] for t in r["top"]] == sorted((t["prob"] for t in r["top"]),
+                                                      reverse=True)
+    assert {t["class"] for t in out[-1]["top"]} <= set(CIFAR10_CLASSES)
+
+
+def test_image_files_as_text(trained, tmp_path):
+    weights, _ = trained
+    path = tmp_path / "a.png"
+    Image.new("RGBA", (50, 20), (200, 10, 10, 128)).save(path)
+    result = run_script("inference.py", "--weights", weights, path)
+    assert result.returncode == 0, result.stderr
+    line, = result.stdout.splitlines()
+    assert line.startswith(f"{path}: ") and len(line.split(", ")) == 3
+
+
+def test_bad_inputs_are_one_line_errors(trained, tmp_path):
+    weights, data = trained
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 100)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(3)}, foreign)
+    mismatched = tmp_path / "mismatched.pt"
+    w = torch.load(weights, weights_only=True)
+    del w["state_dict"]["fc3.bias"]
+    torch.save(w, mismatched)
+    cases = [
+        (["--weights", weights, tmp_path / "missing.png"],
+         f"error: no such image file: {tmp_path / 'missing.png'}"),
+        (["--weights", weights, text], f"error: not a readable image: {text} "
+                                       f"(UnidentifiedImageError)"),
+        (["--weights", tmp_path / "none.pt"], f"error: no weights file at {tmp_path / 'none.pt'}"),
+        (["--weights", garbage], f"error: cannot read weights file {garbage}: UnpicklingError"),
+        (["--weights", foreign], f"error: {foreign} is not a weights file of this repo "
+                                 f"(expected keys model, dataset, classes, mean, std, state_dict)"),
+        (["--weights", mismatched], f"error: {mismatched} does not fit model 'seed': "
+                                    f"Missing key(s) in state_dict: \"fc3.bias\"."),
+        (["--weights", weights, "--data-dir", tmp_path / "nowhere"],
+         f"error: CIFAR-10 not found in {tmp_path / 'nowhere' / 'cifar-10-batches-py'} and the "
+         f"download failed"),
+        (["--jsn"], "error: inference.py: unrecognized arguments: --jsn (see --help)"),
+    ]
+    for args, message in cases:
+        result = run_script("inference.py", "--device", "cpu", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(message), \
+            result.stderr
+        assert result.stdout == ""

@@ -1,0 +1,178 @@
+"""The hand-written Conv2d against torch.nn.Conv2d, and the networks built from it."""
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import MODELS, Conv2d, SeedNet, build_model
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # max |a - b| / max |b|
+
+
+def random_configs(count, seed=0):
+    """Conv shapes drawn at random: stride 1-2, padding int/pair/'same'/'valid', dilation,
+    groups, non-square kernels, batch 1 and odd sizes."""
+    rnd = random.Random(seed)
+    configs = []
+    while len(configs) < count:
+        groups = rnd.choice([1, 1, 2, 3])
+        cin, cout = groups * rnd.randint(1, 4), groups * rnd.randint(1, 4)
+        k = (rnd.randint(1, 4), rnd.randint(1, 4))
+        stride = rnd.choice([1, 2, (1, 2), (2, 1)])
+        dilation = rnd.choice([1, 1, 2, (1, 2)])
+        padding = rnd.choice([0, 1, (2, 1), "same", "valid"])
+        if padding == "same":
+            stride = 1
+        h, w = rnd.randint(7, 13), rnd.randint(7, 13)  # >= the largest dilated kernel
+        configs.append(dict(cin=cin, cout=cout, k=k, stride=stride, padding=padding,
+                            dilation=dilation, groups=groups, n=rnd.choice([1, 2, 3]),
+                            h=h, w=w, bias=rnd.random() < 0.8))
+    return configs
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+def compare(cfg, dtype):
+    ref = nn.Conv2d(cfg["cin"], cfg["cout"], cfg["k"], cfg["stride"], cfg["padding"],
+                    cfg["dilation"], cfg["groups"], cfg["bias"]).to(dtype)
+    hand = Conv2d(cfg["cin"], cfg["cout"], cfg["k"], cfg["stride"], cfg["padding"],
+                  cfg["dilation"], cfg["groups"], cfg["bias"]).to(dtype)
+    hand.load_state_dict(ref.state_dict())
+    x_ref = torch.randn(cfg["n"], cfg["cin"], cfg["h"], cfg["w"], dtype=dtype, requires_grad=True)
+    x_hand = x_ref.detach().clone().requires_grad_()
+    y_ref, y_hand = ref(x_ref), hand(x_hand)
+    assert y_hand.shape == y_ref.shape
+    grad = torch.randn_like(y_ref)
+    y_ref.backward(grad)
+    y_hand.backward(grad)
+    errors = {"output": rel_err(y_hand, y_ref), "grad_input": rel_err(x_hand.grad, x_ref.grad),
+              "grad_weight": rel_err(hand.weight.grad, ref.weight.grad)}
+    if cfg["bias"]:
+        errors["grad_bias"] = rel_err(hand.bias.grad, ref.bias.grad)
+    return errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cfg", random_configs(40), ids=lambda c: "{cin}-{cout}-k{k}-s{stride}-p{padding}-d{dilation}-g{groups}-n{n}-{h}x{w}".format(**c))
+def test_conv_matches_nn_conv2d(cfg, dtype):
+    torch.manual_seed(1)
+    errors = compare(cfg, dtype)
+    assert max(errors.values()) < TOL[dtype], errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_conv_matches_on_seed_shapes(dtype):
+    """The three layer shapes of the seed net, at a real batch size."""
+    torch.manual_seed(2)
+    for cin, cout, size in [(3, 64, 32), (64, 128, 16), (128, 256, 8)]:
+        cfg = dict(cin=cin, cout=cout, k=3, stride=1, padding=1, dilation=1, groups=1, n=16,
+                   h=size, w=size, bias=True)
+        errors = compare(cfg, dtype)
+        assert max(errors.values()) < TOL[dtype], (cin, cout, errors)
+
+
+def test_conv_channels_last_input_gives_the_same_result():
+    torch.manual_seed(3)
+    conv = Conv2d(4, 6, 3, padding=1).double()
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    y = conv(x)
+    y_cl = conv(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(y, y_cl)
+
+
+def test_default_init_equals_nn_conv2d_for_the_same_seed():
+    for args in [(3, 8, 3), (6, 4, (1, 3), 1, 0, 1, 2)]:
+        torch.manual_seed(7)
+        ref = nn.Conv2d(*args)
+        torch.manual_seed(7)
+        hand = Conv2d(*args)
+        assert torch.equal(hand.weight, ref.weight) and torch.equal(hand.bias, ref.bias)
+
+
+def test_state_dicts_load_both_ways():
+    ref, hand = nn.Conv2d(4, 8, (3, 2), groups=2), Conv2d(4, 8, (3, 2), groups=2)
+    assert {k: v.shape for k, v in ref.state_dict().items()} == \
+        {k: v.shape for k, v in hand.state_dict().items()}
+    hand.load_state_dict(ref.state_dict())
+    assert torch.equal(hand.weight, ref.weight)
+    ref2 = nn.Conv2d(4, 8, (3, 2), groups=2)
+    ref2.load_state_dict(hand.state_dict())
+    assert torch.equal(ref2.bias, ref.bias)
+    assert Conv2d(3, 5, 3, bias=False).state_dict().keys() == {"weight"}
+
+
+def test_bad_arguments_raise_like_pytorch():
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
+        Conv2d(3, 4, 3, stride=2, padding="same")
+    with pytest.raises(ValueError, match="padding must be an int, a pair, 'same' or 'valid'"):
+        Conv2d(3, 4, 3, padding="full")
+    with pytest.raises(ValueError, match="divisible by groups"):
+        Conv2d(3, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="expects 3 input channels, got 4"):
+        Conv2d(3, 4, 3)(torch.zeros(1, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"kernel \(3, 3\) with dilation \(2, 2\) is larger "
+                                         r"than the padded input \(4, 4\)"):
+        Conv2d(3, 4, 3, dilation=2)(torch.zeros(1, 3, 4, 4))
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("a native convolution was called")
+
+
+def native_conv_ops(model):
+    """Names of the native convolution kernels run by one forward + backward of `model`."""
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(x).sum().backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert x.grad is not None and ops & {"aten::mm", "aten::addmm", "aten::bmm"}
+    return [op for op in ops if op.startswith(("aten::", "mkldnn", "cudnn")) and "conv" in op]
+
+
+def test_no_native_convolution_in_forward_or_backward(monkeypatch):
+    torch.manual_seed(0)
+    # The profiler check sees native convolutions where there are some...
+    assert native_conv_ops(build_model("seed", 10, conv="native"))
+    # ...and none in the hand-written network, even with every Python entry point refusing.
+    for module, name in [(F, "conv2d"), (torch, "conv2d"), (torch, "convolution"),
+                         (torch, "_convolution"), (F, "conv_transpose2d")]:
+        monkeypatch.setattr(module, name, _refuse)
+    model = build_model("seed", 10)
+    assert native_conv_ops(model) == []
+    assert model.conv1.weight.grad is not None
+
+
+def test_seed_net_structure():
+    model = build_model("seed", 10)
+    convs = [m for m in model.modules() if isinstance(m, Conv2d)]
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    assert len(convs) == 3 and not any(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert len(pools) == 1 and pools[0].kernel_size == 2      # one pool module, used thrice
+    assert len([m for m in model.modules() if isinstance(m, nn.Dropout)]) == 2
+    assert [m.out_features for m in model.modules() if isinstance(m, nn.Linear)] == [512, 256, 10]
+    assert [c.out_channels for c in convs] == [64, 128, 256]
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert build_model("seed", 100).fc3.out_features == 100
+
+
+def test_seed_net_native_switch_gives_the_same_function():
+    torch.manual_seed(0)
+    hand = build_model("seed", 10).double().eval()
+    native = build_model("seed", 10, conv="native").double().eval()
+    native.load_state_dict(hand.state_dict())
+    assert isinstance(native.conv1, nn.Conv2d)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    assert rel_err(hand(x), native(x)) < 1e-10
+
+
+def test_build_model_rejects_unknown_names():
+    assert "seed" in MODELS
+    with pytest.raises(ValueError, match="unknown model 'nope'; choose from"):
+        build_model("nope")
+    with pytest.raises(ValueError, match="unknown conv 'fast'"):
+        build_model("seed", conv="fast")
+    assert isinstance(SeedNet(), nn.Module)
