@@ -10,6 +10,7 @@ Every network is reached through `build_model(name, num_classes, conv=...)`; new
 register themselves in `MODELS` with the `@register` decorator.
 """
 import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -141,6 +142,24 @@ def conv2d_unfold(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     return _UnfoldMatmulConv.apply(x, weight, bias, stride, tuple(padding), dilation, groups)
 
 
+def conv2d_unfold_autograd(x, weight, bias: Optional[torch.Tensor], stride: Tuple[int, int],
+                           pads: Tuple[int, int, int, int], dilation: Tuple[int, int],
+                           groups: int):
+    """The same convolution with autograd tracing the backward through F.unfold (whose
+    adjoint is F.fold). Slower, but TorchScript can compile it, which it cannot do for an
+    autograd.Function, so `Conv2d` uses it under `torch.jit.script`."""
+    n, c = x.shape[0], x.shape[1]
+    out_c, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
+    x = F.pad(x, pads)
+    ho = (x.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    cols = F.unfold(x, [kh, kw], dilation=dilation, stride=stride)      # (N, C*kh*kw, L)
+    cols = cols.view(n, groups, -1, ho * wo)
+    out = torch.matmul(weight.view(groups, out_c // groups, -1), cols)  # (N, G, O/G, L)
+    out = out.reshape(n, out_c, ho, wo)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
 class Conv2d(nn.Module):
     """`torch.nn.Conv2d` re-implemented with unfold + matmul (zero padding only)."""
 
@@ -159,6 +178,7 @@ class Conv2d(nn.Module):
             if padding == "same" and self.stride != (1, 1):
                 raise ValueError("padding='same' is not supported for strided convolutions")
         self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.pads = self._explicit_padding()
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(
             (out_channels, in_channels // groups, *self.kernel_size), **factory))
@@ -174,6 +194,7 @@ class Conv2d(nn.Module):
                 bound = 1 / math.sqrt(fan_in)
                 nn.init.uniform_(self.bias, -bound, bound)
 
+    @torch.jit.unused
     def _explicit_padding(self):
         """(left, right, top, bottom); 'same' puts the odd pixel right/bottom as PyTorch does."""
         if self.padding == "valid":
@@ -188,8 +209,11 @@ class Conv2d(nn.Module):
         return (pw, pw, ph, ph)
 
     def forward(self, x):
-        return conv2d_unfold(x, self.weight, self.bias, self.stride, self._explicit_padding(),
-                             self.dilation, self.groups)
+        if torch.jit.is_scripting():
+            return conv2d_unfold_autograd(x, self.weight, self.bias, self.stride, self.pads,
+                                          self.dilation, self.groups)
+        return conv2d_unfold(x, self.weight, self.bias, self.stride, self.pads, self.dilation,
+                             self.groups)
 
     def extra_repr(self):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

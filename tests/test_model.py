@@ -1,12 +1,13 @@
 """The hand-written Conv2d against torch.nn.Conv2d, and the networks built from it."""
 import random
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MODELS, Conv2d, SeedNet, build_model
+from model import MODELS, Conv2d, SeedNet, build_model, conv2d_unfold_autograd
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # max |a - b| / max |b|
 
@@ -36,7 +37,13 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
 
-def compare(cfg, dtype):
+def traced_autograd_forward(conv, x):
+    """The F.unfold variant that `Conv2d` runs under TorchScript, called directly."""
+    return conv2d_unfold_autograd(x, conv.weight, conv.bias, conv.stride, conv.pads,
+                                  conv.dilation, conv.groups)
+
+
+def compare(cfg, dtype, forward=Conv2d.forward):
     ref = nn.Conv2d(cfg["cin"], cfg["cout"], cfg["k"], cfg["stride"], cfg["padding"],
                     cfg["dilation"], cfg["groups"], cfg["bias"]).to(dtype)
     hand = Conv2d(cfg["cin"], cfg["cout"], cfg["k"], cfg["stride"], cfg["padding"],
@@ -44,7 +51,7 @@ def compare(cfg, dtype):
     hand.load_state_dict(ref.state_dict())
     x_ref = torch.randn(cfg["n"], cfg["cin"], cfg["h"], cfg["w"], dtype=dtype, requires_grad=True)
     x_hand = x_ref.detach().clone().requires_grad_()
-    y_ref, y_hand = ref(x_ref), hand(x_hand)
+    y_ref, y_hand = ref(x_ref), forward(hand, x_hand)
     assert y_hand.shape == y_ref.shape
     grad = torch.randn_like(y_ref)
     y_ref.backward(grad)
@@ -56,11 +63,13 @@ def compare(cfg, dtype):
     return errors
 
 
+@pytest.mark.parametrize("forward", [Conv2d.forward, traced_autograd_forward],
+                         ids=["unfold_matmul_function", "unfold_autograd"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("cfg", random_configs(40), ids=lambda c: "{cin}-{cout}-k{k}-s{stride}-p{padding}-d{dilation}-g{groups}-n{n}-{h}x{w}".format(**c))
-def test_conv_matches_nn_conv2d(cfg, dtype):
+def test_conv_matches_nn_conv2d(cfg, dtype, forward):
     torch.manual_seed(1)
-    errors = compare(cfg, dtype)
+    errors = compare(cfg, dtype, forward)
     assert max(errors.values()) < TOL[dtype], errors
 
 
@@ -73,6 +82,16 @@ def test_conv_matches_on_seed_shapes(dtype):
                    h=size, w=size, bias=True)
         errors = compare(cfg, dtype)
         assert max(errors.values()) < TOL[dtype], (cin, cout, errors)
+
+
+def test_torchscript_runs_the_traced_variant_with_the_same_result():
+    torch.manual_seed(4)
+    conv = Conv2d(4, 6, (3, 2), stride=2, padding=(1, 2), groups=2).double()
+    with warnings.catch_warnings():                 # TorchScript is deprecated, still works
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(conv)
+    x = torch.randn(2, 4, 11, 10, dtype=torch.float64)
+    assert rel_err(scripted(x), conv(x)) < 1e-10
 
 
 def test_conv_channels_last_input_gives_the_same_result():
