@@ -1,12 +1,22 @@
-"""Timing study of the seed net: eager vs torch.compile vs TorchScript vs torch.export.
+"""Timing studies: the seed net's execution modes, and the hand-written conv against native.
 
-    python src/benchmark.py --device cpu
+    python src/benchmark.py --device cpu           # eager vs compile vs TorchScript vs export
+    python src/benchmark.py --conv --device cpu    # hand-written Conv2d vs F.conv2d
 
-Forward (inference, batch --batch-size) for each way of running the model, then one training
-epoch (--epoch-images random images; no dataset needed) eager vs compiled. Each measurement
-warms up first and reports the median of repeats; the first call of a compiled variant is
-reported on its own as its compile time. Prints a Markdown table with ratios to eager.
+Default study: the seed net's forward (inference, batch --batch-size) for each way of running
+it, then one training epoch (--epoch-images random images; no dataset needed) eager vs
+compiled. The first call of a compiled variant is reported on its own as its compile time.
+
+--conv: every conv layer shape of every network in model.py at its training batch size, timed
+forward (inference) and forward+backward (a training step) with the hand-written conv and with
+the native one on the same inputs, alternating the two; then one training epoch of each whole
+network with either conv. CPU runs float32; CUDA runs bf16 autocast with channels_last, as
+training does there. Every number is a median of --repeats after --warmup calls; every ratio is
+hand / native from the same run.
 """
+import math
+import os
+import re
 import statistics
 import sys
 import time
@@ -18,7 +28,8 @@ from tqdm import tqdm
 
 import cli
 from device import describe, pick_device
-from model import build_model
+from model import MODELS, Conv2d, build_model
+from train import PRESETS
 
 
 def sync(device):
@@ -116,27 +127,8 @@ def markdown(rows, unit_scale, unit, baseline):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = cli.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--epoch-images", type=int, default=45000,
-                   help="images in the timed training epoch (45,000 = the real seed epoch)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {','.join(VARIANTS)} (eager always runs)")
-    p.add_argument("--skip-epoch", action="store_true", help="time only the forward pass")
-    args = p.parse_args(argv)
+def timing_study(args, device):
     variants = ["eager"] + [v for v in args.variants.split(",") if v and v != "eager"]
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        p.error(f"unknown variants: {', '.join(sorted(unknown))}")
-    try:
-        device = pick_device(args.device)
-    except ValueError as e:
-        cli.fail(str(e))
-
     torch.manual_seed(0)
     model = build_model("seed", 10).to(device).eval()
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
@@ -164,6 +156,197 @@ def main(argv=None):
         print(markdown(epoch_rows, 1, "s/epoch (first step excluded)", epoch_rows[0][1]))
     best = min((r for r in rows if r[1] is not None), key=lambda r: r[1])
     print(f"\nfastest forward: {best[0]} at {best[1] / rows[0][1]:.2f}x eager")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-written conv vs native conv
+
+def conv_layers(model_name, batch_size):
+    """[(model name, layer name, conv kwargs, input shape, is_first)] seen in one forward."""
+    model = build_model(model_name, 10, conv="native")
+    layers = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            kwargs = dict(in_channels=m.in_channels, out_channels=m.out_channels,
+                          kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                          dilation=m.dilation, groups=m.groups, bias=m.bias is not None)
+            m.register_forward_hook(lambda mod, inp, out, name=name, kwargs=kwargs: layers.append(
+                (model_name, name, kwargs, tuple(inp[0].shape), not inp[0].requires_grad)))
+    model(torch.zeros(batch_size, 3, 32, 32, requires_grad=False))
+    return layers
+
+
+def peak_bytes(fn, device):
+    """Peak memory that `fn` adds over what is allocated before it runs.
+
+    CUDA: the caching allocator's own peak counter. CPU: the process's resident-set high-water
+    mark (reset through /proc/self/clear_refs), which tracks tensors exactly because main()
+    fixes glibc's mmap threshold so that every large tensor is its own mapping, returned to the
+    system when freed. None where neither is available."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    if device.type != "cpu" or not os.path.exists("/proc/self/clear_refs"):
+        return None
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return int(re.search(key + r":\s+(\d+) kB", f.read()).group(1)) * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status("VmRSS")
+    fn()
+    return status("VmHWM") - base
+
+
+def conv_step_functions(conv, x, grad, device):
+    """(inference, training step) closures for one conv module on fixed inputs."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def infer():
+        with torch.no_grad(), autocast:
+            conv(x)
+
+    def train_step():
+        with autocast:
+            y = conv(x)
+        y.backward(grad)
+        conv.weight.grad = conv.bias.grad = x.grad = None
+
+    return infer, train_step
+
+
+def bench_conv_layer(kwargs, in_shape, first, device, warmup, repeats):
+    native = torch.nn.Conv2d(**kwargs).to(device)
+    hand = Conv2d(**kwargs).to(device)
+    hand.load_state_dict(native.state_dict())
+    x = torch.randn(in_shape, device=device)
+    if device.type == "cuda":   # the layout cuDNN is fastest with, and what training uses
+        x = x.contiguous(memory_format=torch.channels_last)
+        native = native.to(memory_format=torch.channels_last)
+    x.requires_grad_(not first)  # the network's input needs no gradient
+    with torch.no_grad():
+        grad = torch.randn_like(native(x))
+    fns = {"hand": conv_step_functions(hand, x, grad, device),
+           "native": conv_step_functions(native, x, grad, device)}
+    result = {}
+    for kind, index in (("infer", 0), ("train", 1)):
+        for impl in fns:
+            for _ in range(warmup):
+                fns[impl][index]()
+        times = {impl: [] for impl in fns}
+        for _ in range(repeats):                      # alternate: drift hits both alike
+            for impl in fns:
+                times[impl].append(timed(fns[impl][index], device))
+        for impl in fns:
+            result[f"{impl}_{kind}"] = statistics.median(times[impl])
+    for impl in fns:
+        result[f"{impl}_mem"] = peak_bytes(fns[impl][1], device)
+    return result
+
+
+def fmt_shape(kwargs, in_shape):
+    k = "x".join(map(str, kwargs["kernel_size"]))
+    s = "" if kwargs["stride"] == (1, 1) else f" s{kwargs['stride'][0]}"
+    g = "" if kwargs["groups"] == 1 else f" g{kwargs['groups']}"
+    n, c, h, w = in_shape
+    return f"{n}x{c}x{h}x{w} -> {kwargs['out_channels']}, {k}{s}{g}"
+
+
+def geomean(values):
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def conv_benchmark(args, device):
+    names = sorted(MODELS) if args.models == "all" else args.models.split(",")
+    rows, seen = [], set()
+    for name in names:
+        batch = args.batch_size or PRESETS[name]["batch_size"]
+        for model_name, layer, kwargs, in_shape, first in conv_layers(name, batch):
+            key = (repr(kwargs), in_shape, first)
+            if key not in seen:
+                seen.add(key)
+                rows.append((f"{model_name}.{layer}", kwargs, in_shape, first))
+
+    mode = "bf16 autocast, channels_last" if device.type == "cuda" else "float32"
+    print(f"Hand-written Conv2d vs native, {describe(device)}, {mode}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; median of {args.repeats} after {args.warmup} "
+          f"warm-up\n")
+    print("| layer | input -> out, kernel | infer hand ms | native ms | ratio | "
+          "train hand ms | native ms | ratio | peak hand MiB | native MiB | ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    infer_ratios, train_ratios = [], []
+    for label, kwargs, in_shape, first in tqdm(rows, desc="conv shapes", file=sys.stderr):
+        r = bench_conv_layer(kwargs, in_shape, first, device, args.warmup, args.repeats)
+        infer_ratios.append(r["hand_infer"] / r["native_infer"])
+        train_ratios.append(r["hand_train"] / r["native_train"])
+        mem = ("n/a | n/a | n/a" if r["hand_mem"] is None else
+               f"{r['hand_mem'] / 2**20:.1f} | {r['native_mem'] / 2**20:.1f} | "
+               f"{r['hand_mem'] / max(r['native_mem'], 1):.2f}")
+        print(f"| {label} | {fmt_shape(kwargs, in_shape)} | {r['hand_infer'] * 1e3:.2f} | "
+              f"{r['native_infer'] * 1e3:.2f} | {infer_ratios[-1]:.2f} | "
+              f"{r['hand_train'] * 1e3:.2f} | {r['native_train'] * 1e3:.2f} | "
+              f"{train_ratios[-1]:.2f} | {mem} |", flush=True)
+
+    if args.epoch_images:
+        print(f"\n| network | epoch of {args.epoch_images} images, hand s | native s | ratio |")
+        print("|---|---:|---:|---:|")
+        for name in names:
+            batch = args.batch_size or PRESETS[name]["batch_size"]
+            images = torch.randn(args.epoch_images, 3, 32, 32, device=device)
+            labels = torch.randint(0, 10, (args.epoch_images,), device=device)
+            seconds = {}
+            for conv in ("hand", "native"):
+                torch.manual_seed(0)
+                net = build_model(name, 10, conv=conv).to(device)
+                seconds[conv], _ = train_epoch_seconds(net, images, labels, batch, device)
+            print(f"| {name} (batch {batch}) | {seconds['hand']:.1f} | {seconds['native']:.1f} | "
+                  f"{seconds['hand'] / seconds['native']:.2f} |", flush=True)
+    print(f"\ngeomean inference ratio (hand/native): {geomean(infer_ratios):.2f}")
+    print(f"geomean train-step ratio (hand/native): {geomean(train_ratios):.2f}")
+
+
+def main(argv=None):
+    p = cli.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--conv", action="store_true",
+                   help="benchmark the hand-written conv against the native one")
+    p.add_argument("--batch-size", type=int,
+                   help="default: 128 for the timing study, each model's preset for --conv")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--epoch-images", type=int, default=45000,
+                   help="images in the timed training epochs (45,000 = a real epoch; 0 skips "
+                        "them in --conv)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"timing study: comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--skip-epoch", action="store_true",
+                   help="timing study: time only the forward pass")
+    p.add_argument("--models", default="all", help="--conv: comma-separated models, or all")
+    args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS) - {""}
+    if unknown:
+        p.error(f"unknown variants: {', '.join(sorted(unknown))}")
+    if args.models != "all" and set(args.models.split(",")) - set(MODELS):
+        p.error(f"unknown models: {args.models}; choose from {', '.join(sorted(MODELS))}")
+    if args.conv and sys.platform == "linux" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # Restart once with a fixed mmap threshold so that peak_bytes() can read tensor memory
+        # off the resident set (glibc otherwise keeps freed blocks and raises the threshold).
+        os.execve(sys.executable, [sys.executable] + sys.argv,
+                  {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        cli.fail(str(e))
+    if args.conv:
+        conv_benchmark(args, device)
+    else:
+        args.batch_size = args.batch_size or 128
+        timing_study(args, device)
 
 
 if __name__ == "__main__":
