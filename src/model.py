@@ -50,12 +50,66 @@ def _pad_channels_last(x, pads):
     return xp
 
 
+def _images_per_chunk(xp, out_hw, kernel_size):
+    """How many images to unfold at a time so that one chunk's im2col matrix is no larger than
+    the padded input itself (at least one image, and up to 1 MiB of columns regardless)."""
+    (ho, wo), (kh, kw) = out_hw, kernel_size
+    cols_per_image = ho * wo * kh * kw * xp.shape[1] * xp.element_size()
+    budget = max(xp.numel() * xp.element_size(), 2 ** 20)
+    return max(1, min(xp.shape[0], budget // cols_per_image))
+
+
+def _onednn_matmul_available():
+    return hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+
+
+def _matmul_nt(a, b_t, bias=None):
+    """a @ b_t.T (+ bias) for 2-D a (m, k) and b_t (n, k).
+
+    float32 on the CPU goes through oneDNN's matmul (the `mkldnn._linear_pointwise` op that
+    torch.compile itself emits for linear layers): on CPUs where MKL's sgemm does not use the
+    widest vector units (AMD EPYC here) it is up to twice as fast. Everything else: torch.addmm."""
+    if a.device.type == "cpu" and a.dtype == torch.float32 and _onednn_matmul_available():
+        return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
+    return torch.mm(a, b_t.t()) if bias is None else torch.addmm(bias, a, b_t.t())
+
+
+def _unfold_matmul(xp, w_t, bias, out_hw, kernel_size, stride, dilation, groups):
+    """Correlate a padded input (any view, any layout) with a weight given as matrices.
+
+    xp: (N, C, Hp, Wp); w_t: (G, O/G, kh*kw*C/G) with columns ordered (kh, kw, C/G); bias (O,).
+    Returns the output as rows (N*Ho*Wo, O), rows ordered (n, ho, wo). The im2col matrix is built
+    a chunk of images at a time (`_images_per_chunk`), so it never dominates memory."""
+    n = xp.shape[0]
+    ho, wo = out_hw
+    out_c = w_t.shape[0] * w_t.shape[1]
+    k = w_t.shape[2]
+    chunk = _images_per_chunk(xp, out_hw, kernel_size)
+    out = xp.new_empty((n * ho * wo, out_c))
+    for i in range(0, n, chunk):
+        cols = _patches(xp[i:i + chunk], kernel_size, stride, dilation, groups, out_hw)
+        rows = out[i * ho * wo:(i + chunk) * ho * wo]
+        if groups == 1:
+            rows.copy_(_matmul_nt(cols.reshape(-1, k), w_t[0], bias))
+        else:
+            cols = cols.reshape(-1, groups, k).transpose(0, 1)                 # (G, m, K)
+            rows.view(-1, groups, w_t.shape[1]).copy_(
+                torch.bmm(cols, w_t.transpose(1, 2)).transpose(0, 1))
+            if bias is not None:
+                rows += bias
+    return out
+
+
 class _UnfoldMatmulConv(torch.autograd.Function):
     """y = im2col(x) @ W^T + b, with the backward written out rather than traced.
 
-    Autograd through `as_strided` would scatter gradients element by element; here the weight
-    gradient is one matmul of the saved im2col matrix with the output gradient, and the input
-    gradient is one matmul followed by kh*kw shifted, strided adds (the adjoint of im2col)."""
+    Autograd through `as_strided` would scatter gradients element by element. Here:
+    - grad W = grad_y^T @ im2col(x): the columns are rebuilt chunk by chunk instead of being
+      saved, since they are kh*kw times the input;
+    - grad x, stride 1: a correlation of the zero-padded grad_y with the flipped, transposed
+      kernel, i.e. the same unfold + matmul as the forward (a matmul with a long inner dimension);
+    - grad x, other strides: grad_y @ W, then fold (kh*kw shifted, strided adds: the adjoint of
+      im2col)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, pads, dilation, groups):
@@ -68,53 +122,62 @@ class _UnfoldMatmulConv(torch.autograd.Function):
             raise ValueError(f"Conv2d: kernel {(kh, kw)} with dilation {tuple(dilation)} is "
                              f"larger than the padded input {(h + top + bottom, w + left + right)}")
         xp = _pad_channels_last(x, pads)
-        cols = _patches(xp, (kh, kw), stride, dilation, groups, (ho, wo))
-        cols = cols.reshape(n * ho * wo, groups, kh * kw * cg)               # (M, G, K)
-        # Weight as (G, K, O/G) with K ordered (kh, kw, C/G) like the columns.
-        w_mat = weight.view(groups, out_c // groups, cg, kh, kw).permute(0, 3, 4, 2, 1)
-        w_mat = w_mat.reshape(groups, kh * kw * cg, out_c // groups)
-        if groups == 1:
-            cols2d = cols.view(cols.shape[0], -1)
-            out = torch.addmm(bias, cols2d, w_mat[0]) if bias is not None else cols2d @ w_mat[0]
-        else:
-            out = torch.bmm(cols.transpose(0, 1), w_mat).transpose(0, 1).reshape(-1, out_c)
-            if bias is not None:
-                out = out + bias
-        ctx.save_for_backward(cols, w_mat)
-        ctx.geometry = (x.shape, weight.shape, stride, pads, dilation, groups, (ho, wo),
-                        bias is not None)
+        # Weight as (G, O/G, K) with K ordered (kh, kw, C/G) like the columns.
+        w_t = weight.view(groups, out_c // groups, cg, kh, kw).permute(0, 1, 3, 4, 2)
+        w_t = w_t.reshape(groups, out_c // groups, kh * kw * cg)
+        out = _unfold_matmul(xp, w_t, bias, (ho, wo), (kh, kw), stride, dilation, groups)
+        ctx.save_for_backward(xp, weight)
+        ctx.geometry = (x.shape, stride, pads, dilation, groups, (ho, wo), bias is not None)
         return out.view(n, ho, wo, out_c).permute(0, 3, 1, 2)              # NCHW, channels-last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        cols, w_mat = ctx.saved_tensors
-        x_shape, w_shape, stride, pads, dilation, groups, (ho, wo), has_bias = ctx.geometry
+        xp, weight = ctx.saved_tensors
+        x_shape, stride, pads, dilation, groups, (ho, wo), has_bias = ctx.geometry
         n, c, h, w = x_shape
-        out_c, cg, kh, kw = w_shape
-        og = out_c // groups
-        go = grad_out.permute(0, 2, 3, 1).reshape(-1, groups, og)            # (M, G, O/G)
+        out_c, cg, kh, kw = weight.shape
+        og, k = out_c // groups, kh * kw * cg
+        left, right, top, bottom = pads
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+        go = grad_out.permute(0, 2, 3, 1).view(-1, groups, og)               # (M, G, O/G)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
 
-        if ctx.needs_input_grad[1]:
-            gw = torch.bmm(go.permute(1, 2, 0), cols.transpose(0, 1))        # (G, O/G, K)
+        if need_w:
+            gw = go.new_zeros((groups, og, k))
+            chunk = _images_per_chunk(xp, (ho, wo), (kh, kw))
+            for i in range(0, n, chunk):
+                cols = _patches(xp[i:i + chunk], (kh, kw), stride, dilation, groups, (ho, wo))
+                cols = cols.reshape(-1, groups, k).transpose(0, 1)              # (G, m, K)
+                go_c = go[i * ho * wo:(i + chunk) * ho * wo].transpose(0, 1)    # (G, m, O/G)
+                gw.baddbmm_(go_c.transpose(1, 2), cols)
             grad_w = gw.view(out_c, kh, kw, cg).permute(0, 3, 1, 2).contiguous()
-        if has_bias and ctx.needs_input_grad[2]:
+        if has_bias and need_b:
             grad_b = go.sum(0).reshape(out_c)
-        if ctx.needs_input_grad[0]:
-            gcols = torch.bmm(go.transpose(0, 1), w_mat.transpose(1, 2))    # (G, M, K)
+        if need_x and stride == (1, 1):
+            # x_pad[r, s] receives go[r - p*d, s - q*d] W[:, :, p, q]: a stride-1 correlation
+            # of go, padded by the dilated kernel extent, with the kernel flipped in space and
+            # transposed in channels. Only the rows and columns inside the padding are computed.
+            eh, ew = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+            gop = _pad_channels_last(grad_out, (ew, ew, eh, eh))[:, :, top:, left:]
+            w_rot = weight.view(groups, og, cg, kh, kw).flip(3, 4).permute(0, 2, 3, 4, 1)
+            w_rot = w_rot.reshape(groups, cg, kh * kw * og)                     # (G, C/G, K')
+            gx = _unfold_matmul(gop, w_rot, None, (h, w), (kh, kw), (1, 1), dilation, groups)
+            grad_x = gx.view(n, h, w, c).permute(0, 3, 1, 2)
+        elif need_x:
+            w_mat = weight.view(groups, og, cg, kh, kw).permute(0, 1, 3, 4, 2).reshape(groups, og, k)
+            gxp = go.new_zeros((n, h + top + bottom, w + left + right, groups, cg))
+            gcols = torch.bmm(go.transpose(0, 1), w_mat)                        # (G, M, K)
             gcols = gcols.view(groups, n, ho, wo, kh, kw, cg)
-            left, right, top, bottom = pads
-            hp, wp = h + top + bottom, w + left + right
-            gxp = grad_out.new_zeros((n, hp, wp, groups, cg))
-            for i in range(kh):
-                for j in range(kw):
-                    r0, c0 = i * dilation[0], j * dilation[1]
+            for p in range(kh):
+                for q in range(kw):
+                    r0, c0 = p * dilation[0], q * dilation[1]
                     gxp[:, r0:r0 + (ho - 1) * stride[0] + 1:stride[0],
                         c0:c0 + (wo - 1) * stride[1] + 1:stride[1]] += \
-                        gcols[:, :, :, :, i, j].permute(1, 2, 3, 0, 4)
-            gxp = gxp.view(n, hp, wp, c)[:, top:top + h, left:left + w]
-            grad_x = gxp.permute(0, 3, 1, 2)
+                        gcols[:, :, :, :, p, q].permute(1, 2, 3, 0, 4)
+            gxp = gxp.view(n, h + top + bottom, w + left + right, c)
+            grad_x = gxp[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 

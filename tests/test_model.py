@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MODELS, Conv2d, SeedNet, build_model, conv2d_unfold_autograd
+from model import (MODELS, Conv2d, SeedNet, _images_per_chunk, build_model,
+                   conv2d_unfold_autograd)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # max |a - b| / max |b|
 
@@ -92,6 +93,18 @@ def test_torchscript_runs_the_traced_variant_with_the_same_result():
         scripted = torch.jit.script(conv)
     x = torch.randn(2, 4, 11, 10, dtype=torch.float64)
     assert rel_err(scripted(x), conv(x)) < 1e-10
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_matches_when_unfolded_in_chunks_of_images(groups):
+    """Large inputs are unfolded a few images at a time; the chunks must not show."""
+    cfg = dict(cin=32, cout=16, k=3, stride=1, padding=1, dilation=1, groups=groups, n=12,
+               h=24, w=24, bias=True)
+    xp = torch.zeros(12, 32, 26, 26)
+    assert _images_per_chunk(xp, (24, 24), (3, 3)) < 12
+    torch.manual_seed(5)
+    errors = compare(cfg, torch.float64)
+    assert max(errors.values()) < TOL[torch.float64], errors
 
 
 def test_conv_channels_last_input_gives_the_same_result():
