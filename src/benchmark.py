@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import cli
 from device import describe, pick_device
-from model import MODELS, Conv2d, build_model
+from model import MODELS, Conv2d, build_model, conv2d_unfold_autograd
 from train import PRESETS
 
 
@@ -203,24 +203,33 @@ def peak_bytes(fn, device):
     return status("VmHWM") - base
 
 
-def conv_step_functions(conv, x, grad, device):
-    """(inference, training step) closures for one conv module on fixed inputs."""
+def conv_step_functions(conv, forward, x, grad, device):
+    """(inference, training step) closures running `forward(x)` of one conv module."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def infer():
         with torch.no_grad(), autocast:
-            conv(x)
+            forward(x)
 
     def train_step():
         with autocast:
-            y = conv(x)
+            y = forward(x)
         y.backward(grad)
         conv.weight.grad = conv.bias.grad = x.grad = None
 
     return infer, train_step
 
 
-def bench_conv_layer(kwargs, in_shape, first, device, warmup, repeats):
+HAND_VARIANTS = {
+    # What Conv2d runs: strided-view im2col + matmul, backward written out (autograd.Function).
+    "function": lambda conv: conv,
+    # The naive baseline, kept for comparison: F.unfold + matmul, autograd derives the backward.
+    "unfold-autograd": lambda conv: lambda x: conv2d_unfold_autograd(
+        x, conv.weight, conv.bias, conv.stride, conv.pads, conv.dilation, conv.groups),
+}
+
+
+def bench_conv_layer(kwargs, in_shape, first, device, warmup, repeats, variant="function"):
     native = torch.nn.Conv2d(**kwargs).to(device)
     hand = Conv2d(**kwargs).to(device)
     hand.load_state_dict(native.state_dict())
@@ -231,8 +240,8 @@ def bench_conv_layer(kwargs, in_shape, first, device, warmup, repeats):
     x.requires_grad_(not first)  # the network's input needs no gradient
     with torch.no_grad():
         grad = torch.randn_like(native(x))
-    fns = {"hand": conv_step_functions(hand, x, grad, device),
-           "native": conv_step_functions(native, x, grad, device)}
+    fns = {"hand": conv_step_functions(hand, HAND_VARIANTS[variant](hand), x, grad, device),
+           "native": conv_step_functions(native, native, x, grad, device)}
     result = {}
     for kind, index in (("infer", 0), ("train", 1)):
         for impl in fns:
@@ -273,7 +282,8 @@ def conv_benchmark(args, device):
                 rows.append((f"{model_name}.{layer}", kwargs, in_shape, first))
 
     mode = "bf16 autocast, channels_last" if device.type == "cuda" else "float32"
-    print(f"Hand-written Conv2d vs native, {describe(device)}, {mode}, torch {torch.__version__}, "
+    print(f"Hand-written Conv2d ({args.hand_variant}) vs native, {describe(device)}, {mode}, "
+          f"torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; median of {args.repeats} after {args.warmup} "
           f"warm-up\n")
     print("| layer | input -> out, kernel | infer hand ms | native ms | ratio | "
@@ -281,7 +291,8 @@ def conv_benchmark(args, device):
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     infer_ratios, train_ratios = [], []
     for label, kwargs, in_shape, first in tqdm(rows, desc="conv shapes", file=sys.stderr):
-        r = bench_conv_layer(kwargs, in_shape, first, device, args.warmup, args.repeats)
+        r = bench_conv_layer(kwargs, in_shape, first, device, args.warmup, args.repeats,
+                             args.hand_variant)
         infer_ratios.append(r["hand_infer"] / r["native_infer"])
         train_ratios.append(r["hand_train"] / r["native_train"])
         mem = ("n/a | n/a | n/a" if r["hand_mem"] is None else
@@ -327,6 +338,8 @@ def main(argv=None):
     p.add_argument("--skip-epoch", action="store_true",
                    help="timing study: time only the forward pass")
     p.add_argument("--models", default="all", help="--conv: comma-separated models, or all")
+    p.add_argument("--hand-variant", default="function", choices=sorted(HAND_VARIANTS),
+                   help="--conv: which formulation of the hand-written conv to time per layer")
     args = p.parse_args(argv)
     unknown = set(args.variants.split(",")) - set(VARIANTS) - {""}
     if unknown:

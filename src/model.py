@@ -2,9 +2,10 @@
 
 `Conv2d` is a drop-in replacement for `torch.nn.Conv2d` (same parameters, same initialisation,
 same outputs and gradients) whose forward and backward are made only of tensor operations:
-a strided view of the padded input (im2col without a native kernel), one matrix product, and
+a strided view of the padded input (im2col without a native kernel), a matrix product, and
 for the backward the transposed products plus a sum of shifted slices (col2im, i.e. fold).
-No native convolution (`F.conv2d`, cuDNN, mkldnn) runs anywhere in it.
+No convolution kernel (`F.conv2d`, cuDNN's or oneDNN's) runs anywhere in it: only general
+matrix products. docs/model.pdf derives every step; docs/conv_performance.md says what is fast.
 
 Every network is reached through `build_model(name, num_classes, conv=...)`; new networks
 register themselves in `MODELS` with the `@register` decorator.

@@ -57,8 +57,8 @@ def get_args(argv=None):
     for key, value in PRESETS[args.model].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.epochs < 1 or args.batch_size < 1:
-        p.error("--epochs and --batch-size must be at least 1")
+    if args.epochs < 1 or args.batch_size < 1 or args.val_size < 1:
+        p.error("--epochs, --batch-size and --val-size must be at least 1")
     if not 0 <= args.label_smoothing < 1:
         p.error("--label-smoothing must be in [0, 1)")
     if args.out is None:
@@ -87,8 +87,8 @@ def set_rng_states(states, data_gen):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def evaluate(model, images, labels, mean, std, num_classes):
-    """(mean soft-target-free cross-entropy, accuracy) over a whole split."""
+def evaluate(model, images, labels, mean, std):
+    """(cross-entropy against the hard labels, accuracy) over a whole split."""
     logits = predict_logits(model, images, mean, std)
     loss = F.cross_entropy(logits, labels).item()
     return loss, (logits.argmax(1) == labels).float().mean().item()
@@ -102,7 +102,10 @@ def train(args):
         path = os.path.join(args.resume, "checkpoint.pt")
         if not os.path.isfile(path):
             raise DataError(f"no checkpoint to resume in {args.resume} (expected {path})")
-        resume_ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            resume_ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DataError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
         run_dir, device_flag = args.resume, args.device
         args.__dict__.update(resume_ckpt["args"])       # the run continues with its own flags
         args.resume, args.out, args.device = run_dir, run_dir, device_flag
@@ -176,7 +179,7 @@ def train(args):
 
         train_loss = loss_sum.item() / steps_per_epoch
         train_acc = correct.item() / (steps_per_epoch * args.batch_size)
-        val_loss, val_acc = evaluate(model, val_x, val_y, mean, std, num_classes)
+        val_loss, val_acc = evaluate(model, val_x, val_y, mean, std)
         for name, value in (("train/loss", train_loss), ("train/accuracy", train_acc),
                             ("val/loss", val_loss), ("val/accuracy", val_acc),
                             ("lr", scheduler.get_last_lr()[0])):
@@ -193,7 +196,7 @@ def train(args):
 
     # The test set is touched once, here, after every choice has been made.
     test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
-    _, test_acc = evaluate(model, test_x, test_y, mean, std, num_classes)
+    _, test_acc = evaluate(model, test_x, test_y, mean, std)
     weights_path = os.path.join(args.out, "weights.pt")
     atomic_save({"model": args.model, "dataset": args.dataset, "classes": data["classes"],
                  "mean": mean.tolist(), "std": std.tolist(),

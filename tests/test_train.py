@@ -80,8 +80,8 @@ def test_diverging_loss_stops_with_a_clear_message(cifar10_dir, tmp_path):
     (["--bogus"], "error: train.py: unrecognized arguments: --bogus (see --help)"),
     (["--epochs", "two"], "error: train.py: argument --epochs: invalid int value: 'two' "
                           "(see --help)"),
-    (["--epochs", "0"], "error: train.py: --epochs and --batch-size must be at least 1 "
-                        "(see --help)"),
+    (["--epochs", "0"], "error: train.py: --epochs, --batch-size and --val-size must be at "
+                        "least 1 (see --help)"),
     (["--model", "vgg"], "error: train.py: argument --model: invalid choice: 'vgg' "
                          "(choose from {0}seed{0}) (see --help)"),
     (["--device", "tpu"], "error: unknown device 'tpu'; choose from auto, cpu, cuda, xpu, mps"),
@@ -107,3 +107,11 @@ def test_resume_without_checkpoint(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: no checkpoint to resume in {tmp_path} "
                                      f"(expected {tmp_path / 'checkpoint.pt'})")
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    result = run_script("train.py", "--resume", tmp_path, "--device", "cpu")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: cannot read checkpoint {tmp_path / 'checkpoint.pt'}: ")
+    assert len(result.stderr.splitlines()) == 1
