@@ -44,6 +44,17 @@ class DataError(Exception):
     """A dataset that is missing or unreadable; the message is meant for the user as is."""
 
 
+def load_torch_file(path, kind):
+    """torch.load with weights_only=True (no code runs from the file), to the CPU; a missing or
+    unreadable file is a DataError naming it as `kind` ("weights file", "checkpoint")."""
+    if not os.path.isfile(path):
+        raise DataError(f"no {kind} at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"cannot read {kind} {path}: {type(e).__name__}") from None
+
+
 def _unpickle(path):
     try:
         with open(path, "rb") as f:

@@ -6,12 +6,11 @@
 """
 import json
 import os
-import sys
 
 import torch
 
 import cli
-from data import DataError, load_cifar
+from data import DataError, load_cifar, load_torch_file
 from device import pick_device
 from model import MODELS, build_model, predict_logits
 
@@ -32,12 +31,7 @@ def get_args(argv=None):
 
 def load_weights(path):
     """(model in eval mode on the CPU, weights dict) from a weights file written by train.py."""
-    if not os.path.isfile(path):
-        raise DataError(f"no weights file at {path}")
-    try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"cannot read weights file {path}: {type(e).__name__}") from None
+    weights = load_torch_file(path, "weights file")
     if not isinstance(weights, dict) or any(k not in weights for k in WEIGHTS_KEYS):
         raise DataError(f"{path} is not a weights file of this repo (expected keys "
                         f"{', '.join(WEIGHTS_KEYS)})")

@@ -60,6 +60,14 @@ def _images_per_chunk(xp, out_hw, kernel_size):
     return max(1, min(xp.shape[0], budget // cols_per_image))
 
 
+def _weight_rows(weight, groups):
+    """The weight as (G, O/G, K), each row one filter with K ordered (kh, kw, C/G) like the
+    columns of the im2col matrix."""
+    out_c, cg, kh, kw = weight.shape
+    w = weight.view(groups, out_c // groups, cg, kh, kw).permute(0, 1, 3, 4, 2)
+    return w.reshape(groups, out_c // groups, kh * kw * cg)
+
+
 def _onednn_matmul_available():
     return hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
 
@@ -125,10 +133,8 @@ class _UnfoldMatmulConv(torch.autograd.Function):
             raise ValueError(f"Conv2d: kernel {(kh, kw)} with dilation {tuple(dilation)} is "
                              f"larger than the padded input {(h + top + bottom, w + left + right)}")
         xp = _pad_channels_last(x, pads)
-        # Weight as (G, O/G, K) with K ordered (kh, kw, C/G) like the columns.
-        w_t = weight.view(groups, out_c // groups, cg, kh, kw).permute(0, 1, 3, 4, 2)
-        w_t = w_t.reshape(groups, out_c // groups, kh * kw * cg)
-        out = _unfold_matmul(xp, w_t, bias, (ho, wo), (kh, kw), stride, dilation, groups)
+        out = _unfold_matmul(xp, _weight_rows(weight, groups), bias, (ho, wo), (kh, kw), stride,
+                             dilation, groups)
         ctx.save_for_backward(xp, weight)
         ctx.geometry = (x.shape, stride, pads, dilation, groups, (ho, wo), bias is not None)
         return out.view(n, ho, wo, out_c).permute(0, 3, 1, 2)              # NCHW, channels-last
@@ -169,9 +175,8 @@ class _UnfoldMatmulConv(torch.autograd.Function):
             gx = _unfold_matmul(gop, w_rot, None, (h, w), (kh, kw), (1, 1), dilation, groups)
             grad_x = gx.view(n, h, w, c).permute(0, 3, 1, 2)
         elif need_x:
-            w_mat = weight.view(groups, og, cg, kh, kw).permute(0, 1, 3, 4, 2).reshape(groups, og, k)
             gxp = go.new_zeros((n, h + top + bottom, w + left + right, groups, cg))
-            gcols = torch.bmm(go.transpose(0, 1), w_mat)                        # (G, M, K)
+            gcols = torch.bmm(go.transpose(0, 1), _weight_rows(weight, groups))  # (G, M, K)
             gcols = gcols.view(groups, n, ho, wo, kh, kw, cg)
             for p in range(kh):
                 for q in range(kw):
@@ -214,7 +219,7 @@ def conv2d_unfold_autograd(x, weight, bias: Optional[torch.Tensor], stride: Tupl
     """The same convolution with autograd tracing the backward through F.unfold (whose
     adjoint is F.fold). Slower, but TorchScript can compile it, which it cannot do for an
     autograd.Function, so `Conv2d` uses it under `torch.jit.script`."""
-    n, c = x.shape[0], x.shape[1]
+    n = x.shape[0]
     out_c, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
     x = F.pad(x, pads)
     ho = (x.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
-from data import (DATASETS, DataError, augment, channel_stats, load_cifar, normalize, one_hot,
-                  stratified_split)
+from data import (DATASETS, DataError, augment, channel_stats, load_cifar, load_torch_file,
+                  normalize, one_hot, stratified_split)
 from device import describe, optimize_for_device, pick_device
 from model import MODELS, build_model, predict_logits
 
@@ -99,13 +99,7 @@ def train(args):
 
     resume_ckpt = None
     if args.resume:
-        path = os.path.join(args.resume, "checkpoint.pt")
-        if not os.path.isfile(path):
-            raise DataError(f"no checkpoint to resume in {args.resume} (expected {path})")
-        try:
-            resume_ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise DataError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
+        resume_ckpt = load_torch_file(os.path.join(args.resume, "checkpoint.pt"), "checkpoint")
         run_dir, device_flag = args.resume, args.device
         args.__dict__.update(resume_ckpt["args"])       # the run continues with its own flags
         args.resume, args.out, args.device = run_dir, run_dir, device_flag

@@ -67,7 +67,8 @@ def compare(cfg, dtype, forward=Conv2d.forward):
 @pytest.mark.parametrize("forward", [Conv2d.forward, traced_autograd_forward],
                          ids=["unfold_matmul_function", "unfold_autograd"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("cfg", random_configs(40), ids=lambda c: "{cin}-{cout}-k{k}-s{stride}-p{padding}-d{dilation}-g{groups}-n{n}-{h}x{w}".format(**c))
+@pytest.mark.parametrize("cfg", random_configs(40), ids=lambda c: (
+    "{cin}-{cout}-k{k}-s{stride}-p{padding}-d{dilation}-g{groups}-n{n}-{h}x{w}".format(**c)))
 def test_conv_matches_nn_conv2d(cfg, dtype, forward):
     torch.manual_seed(1)
     errors = compare(cfg, dtype, forward)

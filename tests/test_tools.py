@@ -11,11 +11,11 @@ def test_benchmark_prints_markdown_tables_with_ratios():
                         "--epoch-images", "16")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    forward = [l for l in lines if l.startswith("| torch.jit") or l.startswith("| eager")]
-    assert [l.split("|")[1].strip() for l in forward] == \
+    forward = [row for row in lines if row.startswith(("| torch.jit", "| eager"))]
+    assert [row.split("|")[1].strip() for row in forward] == \
         ["eager", "torch.jit.trace", "torch.jit.script", "eager"]
     assert forward[0].split("|")[3].strip() == "1.00"        # eager is its own baseline
-    assert all(float(l.split("|")[3]) > 0 for l in forward)  # every variant ran
+    assert all(float(row.split("|")[3]) > 0 for row in forward)  # every variant ran
     assert "one training epoch of 16 images" in result.stdout
     assert "Warning" not in result.stderr                     # TorchScript's are silenced
     assert lines[-1].startswith("fastest forward: ")
