@@ -14,10 +14,13 @@ network with either conv. CPU runs float32; CUDA runs bf16 autocast with channel
 training does there. Every number is a median of --repeats after --warmup calls; every ratio is
 hand / native from the same run.
 """
+import argparse
+import json
 import math
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -179,10 +182,9 @@ def conv_layers(model_name, batch_size):
 def peak_bytes(fn, device):
     """Peak memory that `fn` adds over what is allocated before it runs.
 
-    CUDA: the caching allocator's own peak counter. CPU: the process's resident-set high-water
-    mark (reset through /proc/self/clear_refs), which tracks tensors exactly because main()
-    fixes glibc's mmap threshold so that every large tensor is its own mapping, returned to the
-    system when freed. None where neither is available."""
+    CUDA: the caching allocator's own peak counter. CPU (Linux): the process's resident-set
+    high-water mark, reset through /proc/self/clear_refs; it tracks tensors exactly only in a
+    process started with a fixed glibc mmap threshold (see cpu_peak_bytes). None elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -201,6 +203,19 @@ def peak_bytes(fn, device):
     base = status("VmRSS")
     fn()
     return status("VmHWM") - base
+
+
+def cpu_peak_bytes(spec):
+    """{impl: peak bytes of one training step} for a layer spec, measured in a child process
+    whose glibc returns every large block to the system when it is freed (a fixed mmap
+    threshold), so that the resident set follows the live tensors. Timing runs in this process,
+    with the normal allocator, because fresh mappings cost page faults on every allocation."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak-of",
+                             json.dumps(spec)], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        return {"hand": None, "native": None}
+    return json.loads(result.stdout)
 
 
 def conv_step_functions(conv, forward, x, grad, device):
@@ -229,7 +244,12 @@ HAND_VARIANTS = {
 }
 
 
-def bench_conv_layer(kwargs, in_shape, first, device, warmup, repeats, variant="function"):
+def layer_step_functions(kwargs, in_shape, first, device, variant):
+    """{"hand": (infer, train_step), "native": (...)} on the same weights and inputs."""
+    kwargs = {**kwargs, "kernel_size": tuple(kwargs["kernel_size"]),
+              "stride": tuple(kwargs["stride"]), "dilation": tuple(kwargs["dilation"]),
+              "padding": kwargs["padding"] if isinstance(kwargs["padding"], str)
+              else tuple(kwargs["padding"])}
     native = torch.nn.Conv2d(**kwargs).to(device)
     hand = Conv2d(**kwargs).to(device)
     hand.load_state_dict(native.state_dict())
@@ -240,8 +260,12 @@ def bench_conv_layer(kwargs, in_shape, first, device, warmup, repeats, variant="
     x.requires_grad_(not first)  # the network's input needs no gradient
     with torch.no_grad():
         grad = torch.randn_like(native(x))
-    fns = {"hand": conv_step_functions(hand, HAND_VARIANTS[variant](hand), x, grad, device),
-           "native": conv_step_functions(native, native, x, grad, device)}
+    return {"hand": conv_step_functions(hand, HAND_VARIANTS[variant](hand), x, grad, device),
+            "native": conv_step_functions(native, native, x, grad, device)}
+
+
+def bench_conv_layer(kwargs, in_shape, first, device, warmup, repeats, variant="function"):
+    fns = layer_step_functions(kwargs, in_shape, first, device, variant)
     result = {}
     for kind, index in (("infer", 0), ("train", 1)):
         for impl in fns:
@@ -253,9 +277,25 @@ def bench_conv_layer(kwargs, in_shape, first, device, warmup, repeats, variant="
                 times[impl].append(timed(fns[impl][index], device))
         for impl in fns:
             result[f"{impl}_{kind}"] = statistics.median(times[impl])
-    for impl in fns:
-        result[f"{impl}_mem"] = peak_bytes(fns[impl][1], device)
+    if device.type == "cpu":
+        peaks = cpu_peak_bytes({"kwargs": kwargs, "in_shape": in_shape, "first": first,
+                                "variant": variant})
+    else:
+        peaks = {impl: peak_bytes(fns[impl][1], device) for impl in fns}
+    result.update({f"{impl}_mem": peaks[impl] for impl in fns})
     return result
+
+
+def print_cpu_peaks(spec_json):
+    """The --peak-of child: one warm-up step, then the measured one, for each impl."""
+    spec = json.loads(spec_json)
+    fns = layer_step_functions(spec["kwargs"], spec["in_shape"], spec["first"],
+                               torch.device("cpu"), spec["variant"])
+    peaks = {}
+    for impl, (_, train_step) in fns.items():
+        train_step()
+        peaks[impl] = peak_bytes(train_step, torch.device("cpu"))
+    print(json.dumps(peaks))
 
 
 def fmt_shape(kwargs, in_shape):
@@ -338,6 +378,7 @@ def main(argv=None):
     p.add_argument("--skip-epoch", action="store_true",
                    help="timing study: time only the forward pass")
     p.add_argument("--models", default="all", help="--conv: comma-separated models, or all")
+    p.add_argument("--peak-of", help=argparse.SUPPRESS)   # internal: cpu_peak_bytes' child
     p.add_argument("--hand-variant", default="function", choices=sorted(HAND_VARIANTS),
                    help="--conv: which formulation of the hand-written conv to time per layer")
     args = p.parse_args(argv)
@@ -346,11 +387,8 @@ def main(argv=None):
         p.error(f"unknown variants: {', '.join(sorted(unknown))}")
     if args.models != "all" and set(args.models.split(",")) - set(MODELS):
         p.error(f"unknown models: {args.models}; choose from {', '.join(sorted(MODELS))}")
-    if args.conv and sys.platform == "linux" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # Restart once with a fixed mmap threshold so that peak_bytes() can read tensor memory
-        # off the resident set (glibc otherwise keeps freed blocks and raises the threshold).
-        os.execve(sys.executable, [sys.executable] + sys.argv,
-                  {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    if args.peak_of:
+        return print_cpu_peaks(args.peak_of)
     try:
         device = pick_device(args.device)
     except ValueError as e:
