@@ -77,10 +77,11 @@ def _matmul_nt(a, b_t, bias=None):
 
     float32 on the CPU goes through oneDNN's matmul (the `mkldnn._linear_pointwise` op that
     torch.compile itself emits for linear layers): on CPUs where MKL's sgemm does not use the
-    widest vector units (AMD EPYC here) it is up to twice as fast. Everything else, and under
-    torch.jit.trace (which cannot record that op's arguments): torch.addmm."""
+    widest vector units (AMD EPYC here) it is up to twice as fast. Everything else, and while
+    being traced (torch.jit.trace cannot record the op's arguments; torch.compile lowers it only
+    for constant weights and picks its own matmul anyway): torch.addmm."""
     if (a.device.type == "cpu" and a.dtype == torch.float32 and _onednn_matmul_available()
-            and not torch.jit.is_tracing()):
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
         return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
     return torch.mm(a, b_t.t()) if bias is None else torch.addmm(bias, a, b_t.t())
 
