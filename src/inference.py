@@ -6,12 +6,13 @@
 """
 import json
 import os
+import sys
 
 import torch
 
 import cli
 from data import DataError, load_cifar, load_torch_file
-from device import pick_device
+from device import describe, pick_device
 from model import MODELS, build_model, predict_logits
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
@@ -99,7 +100,8 @@ def classify_images(model, weights, images, paths, device):
 def main(argv=None):
     args = get_args(argv)
     try:
-        # Every input is read and checked before the device is picked and anything printed.
+        # Every input is checked before anything is printed.
+        device = pick_device(args.device, verbose=False)
         model, weights = load_weights(args.weights)
         if args.images:
             images = torch.stack([read_image(p) for p in args.images])
@@ -107,7 +109,7 @@ def main(argv=None):
             data = load_cifar(args.data_dir, weights["dataset"])
             if data["classes"] != weights["classes"]:
                 raise DataError(f"the classes in {args.data_dir} differ from those of the weights")
-        device = pick_device(args.device)
+        print(f"device: {describe(device)}", file=sys.stderr)
         model.to(device)
         if args.images:
             results = classify_images(model, weights, images, args.images, device)

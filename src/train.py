@@ -104,8 +104,10 @@ def train(args):
         args.__dict__.update(resume_ckpt["args"])       # the run continues with its own flags
         args.resume, args.out, args.device = run_dir, run_dir, device_flag
 
-    data = load_cifar(args.data_dir, args.dataset)   # bad input fails before anything prints
-    device = pick_device(args.device)
+    # A bad --device or dataset fails with its one line before anything else is printed.
+    device = pick_device(args.device, verbose=False)
+    data = load_cifar(args.data_dir, args.dataset)
+    print(f"device: {describe(device)}", file=sys.stderr)
     torch.manual_seed(args.seed)
     data_gen = torch.Generator(device=device).manual_seed(args.seed)
     num_classes = len(data["classes"])

@@ -128,3 +128,13 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path):
         assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(message), \
             result.stderr
         assert result.stdout == ""
+
+
+def test_shipped_weights_are_the_default_and_load(tmp_path):
+    path = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), (180, 30, 30)).save(path)
+    result = run_script("inference.py", "--json", "--device", "cpu", path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    top = json.loads(result.stdout)[0]["top"]
+    assert len(top) == 3 and {t["class"] for t in top} <= set(CIFAR10_CLASSES)
+    assert 0 < sum(t["prob"] for t in top) <= 1 + 1e-6

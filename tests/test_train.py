@@ -86,8 +86,8 @@ def test_diverging_loss_stops_with_a_clear_message(cifar10_dir, tmp_path):
                          "(choose from {0}seed{0}) (see --help)"),
     (["--device", "tpu"], "error: unknown device 'tpu'; choose from auto, cpu, cuda, xpu, mps"),
 ])
-def test_bad_flags_are_one_line(args, message):
-    result = run_script("train.py", *args)
+def test_bad_flags_are_one_line(args, message, tmp_path):
+    result = run_script("train.py", *args, cwd=tmp_path)   # no data/ there: flags fail first
     assert result.returncode == 2
     # Python 3.12 started quoting the choices in argparse's message; both forms are one line.
     assert result.stderr.strip() in {message.format(""), message.format("'")}
@@ -114,3 +114,15 @@ def test_corrupt_checkpoint_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: cannot read checkpoint {tmp_path / 'checkpoint.pt'}: ")
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_cifar100_trains_end_to_end(cifar100_dir, tmp_path):
+    out = tmp_path / "run100"
+    result = run_script("train.py", "--dataset", "cifar100", "--epochs", "1", "--val-size", "100",
+                        "--batch-size", "50", "--device", "cpu", "--data-dir", cifar100_dir,
+                        "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("done: seed on cifar100, 1 epochs")
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    assert len(weights["classes"]) == 100 and weights["classes"][0] == "class_00"
+    assert weights["state_dict"]["fc3.weight"].shape == (100, 256)
