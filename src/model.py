@@ -76,10 +76,10 @@ def _matmul_nt(a, b_t, bias=None):
     """a @ b_t.T (+ bias) for 2-D a (m, k) and b_t (n, k).
 
     float32 on the CPU goes through oneDNN's matmul (the `mkldnn._linear_pointwise` op that
-    torch.compile itself emits for linear layers): on CPUs where MKL's sgemm does not use the
-    widest vector units (AMD EPYC here) it is up to twice as fast. Everything else, and while
-    being traced (torch.jit.trace cannot record the op's arguments; torch.compile lowers it only
-    for constant weights and picks its own matmul anyway): torch.addmm."""
+    torch.compile itself emits for linear layers): on CPUs where MKL's sgemm is slow it is up to
+    twice as fast (AMD EPYC: 31 ms against 54 ms, see docs/conv_performance.md). Otherwise, and
+    while being traced (torch.jit.trace cannot record the op's arguments; torch.compile lowers
+    it only for constant weights and picks its own matmul anyway): torch.addmm."""
     if (a.device.type == "cpu" and a.dtype == torch.float32 and _onednn_matmul_available()
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
         return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
