@@ -44,15 +44,20 @@ class DataError(Exception):
     """A dataset that is missing or unreadable; the message is meant for the user as is."""
 
 
-def load_torch_file(path, kind):
-    """torch.load with weights_only=True (no code runs from the file), to the CPU; a missing or
-    unreadable file is a DataError naming it as `kind` ("weights file", "checkpoint")."""
+def load_torch_file(path, kind, keys):
+    """The dict saved at `path` by this repo, loaded to the CPU with weights_only=True (no code
+    runs from the file). A missing or unreadable file, or one without all of `keys`, is a
+    DataError naming it as `kind` ("weights file", "checkpoint")."""
     if not os.path.isfile(path):
         raise DataError(f"no {kind} at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise DataError(f"cannot read {kind} {path}: {type(e).__name__}") from None
+    if not isinstance(obj, dict) or any(k not in obj for k in keys):
+        raise DataError(f"{path} is not a {kind} of this repo (expected keys "
+                        f"{', '.join(keys)})")
+    return obj
 
 
 def _unpickle(path):

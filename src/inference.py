@@ -32,10 +32,7 @@ def get_args(argv=None):
 
 def load_weights(path):
     """(model in eval mode on the CPU, weights dict) from a weights file written by train.py."""
-    weights = load_torch_file(path, "weights file")
-    if not isinstance(weights, dict) or any(k not in weights for k in WEIGHTS_KEYS):
-        raise DataError(f"{path} is not a weights file of this repo (expected keys "
-                        f"{', '.join(WEIGHTS_KEYS)})")
+    weights = load_torch_file(path, "weights file", WEIGHTS_KEYS)
     if weights["model"] not in MODELS:
         raise DataError(f"{path} holds unknown model {weights['model']!r}")
     model = build_model(weights["model"], len(weights["classes"]))

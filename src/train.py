@@ -37,6 +37,9 @@ PRESETS = {
 }
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "rng", "args")
+
+
 def get_args(argv=None):
     p = cli.parser(__doc__.split("\n\n")[0])
     p.add_argument("--model", default="seed", choices=sorted(MODELS))
@@ -99,7 +102,8 @@ def train(args):
 
     resume_ckpt = None
     if args.resume:
-        resume_ckpt = load_torch_file(os.path.join(args.resume, "checkpoint.pt"), "checkpoint")
+        resume_ckpt = load_torch_file(os.path.join(args.resume, "checkpoint.pt"), "checkpoint",
+                                      CHECKPOINT_KEYS)
         run_dir, device_flag = args.resume, args.device
         args.__dict__.update(resume_ckpt["args"])       # the run continues with its own flags
         args.resume, args.out, args.device = run_dir, run_dir, device_flag

@@ -126,3 +126,12 @@ def test_cifar100_trains_end_to_end(cifar100_dir, tmp_path):
     weights = torch.load(out / "weights.pt", weights_only=True)
     assert len(weights["classes"]) == 100 and weights["classes"][0] == "class_00"
     assert weights["state_dict"]["fc3.weight"].shape == (100, 256)
+
+
+def test_foreign_checkpoint_is_one_line(tmp_path):
+    torch.save({"model": {}}, tmp_path / "checkpoint.pt")
+    result = run_script("train.py", "--resume", tmp_path, "--device", "cpu")
+    assert result.returncode == 2
+    assert result.stderr == (f"error: {tmp_path / 'checkpoint.pt'} is not a checkpoint of "
+                             f"this repo (expected keys model, optimizer, scheduler, epoch, rng, "
+                             f"args)\n")
