@@ -86,29 +86,35 @@ def _matmul_nt(a, b_t, bias=None):
     return torch.mm(a, b_t.t()) if bias is None else torch.addmm(bias, a, b_t.t())
 
 
+def _column_chunks(xp, kernel_size, stride, dilation, groups, out_hw):
+    """Yield (first output row, im2col matrix (G, m, K)) for successive chunks of images, each
+    chunk no larger than `_images_per_chunk` allows; rows are ordered (n, ho, wo). The caller
+    must drop each matrix before asking for the next, or two chunks are alive at once."""
+    ho, wo = out_hw
+    chunk = _images_per_chunk(xp, out_hw, kernel_size)
+    for i in range(0, xp.shape[0], chunk):
+        cols = _patches(xp[i:i + chunk], kernel_size, stride, dilation, groups, out_hw)
+        yield i * ho * wo, cols.reshape(cols.shape[0] * ho * wo, groups, -1).transpose(0, 1)
+
+
 def _unfold_matmul(xp, w_t, bias, out_hw, kernel_size, stride, dilation, groups):
     """Correlate a padded input (any view, any layout) with a weight given as matrices.
 
     xp: (N, C, Hp, Wp); w_t: (G, O/G, kh*kw*C/G) with columns ordered (kh, kw, C/G); bias (O,).
     Returns the output as rows (N*Ho*Wo, O), rows ordered (n, ho, wo). The im2col matrix is built
     a chunk of images at a time (`_images_per_chunk`), so it never dominates memory."""
-    n = xp.shape[0]
     ho, wo = out_hw
-    out_c = w_t.shape[0] * w_t.shape[1]
-    k = w_t.shape[2]
-    chunk = _images_per_chunk(xp, out_hw, kernel_size)
-    out = xp.new_empty((n * ho * wo, out_c))
-    for i in range(0, n, chunk):
-        cols = _patches(xp[i:i + chunk], kernel_size, stride, dilation, groups, out_hw)
-        rows = out[i * ho * wo:(i + chunk) * ho * wo]
+    out = xp.new_empty((xp.shape[0] * ho * wo, w_t.shape[0] * w_t.shape[1]))
+    for start, cols in _column_chunks(xp, kernel_size, stride, dilation, groups, out_hw):
+        rows = out[start:start + cols.shape[1]]
         if groups == 1:
-            rows.copy_(_matmul_nt(cols.reshape(-1, k), w_t[0], bias))
+            rows.copy_(_matmul_nt(cols[0], w_t[0], bias))
         else:
-            cols = cols.reshape(-1, groups, k).transpose(0, 1)                 # (G, m, K)
             rows.view(-1, groups, w_t.shape[1]).copy_(
                 torch.bmm(cols, w_t.transpose(1, 2)).transpose(0, 1))
             if bias is not None:
                 rows += bias
+        del cols   # free this chunk before the generator builds the next one
     return out
 
 
@@ -156,12 +162,10 @@ class _UnfoldMatmulConv(torch.autograd.Function):
 
         if need_w:
             gw = go.new_zeros((groups, og, k))
-            chunk = _images_per_chunk(xp, (ho, wo), (kh, kw))
-            for i in range(0, n, chunk):
-                cols = _patches(xp[i:i + chunk], (kh, kw), stride, dilation, groups, (ho, wo))
-                cols = cols.reshape(-1, groups, k).transpose(0, 1)              # (G, m, K)
-                go_c = go[i * ho * wo:(i + chunk) * ho * wo].transpose(0, 1)    # (G, m, O/G)
+            for start, cols in _column_chunks(xp, (kh, kw), stride, dilation, groups, (ho, wo)):
+                go_c = go[start:start + cols.shape[1]].transpose(0, 1)          # (G, m, O/G)
                 gw.baddbmm_(go_c.transpose(1, 2), cols)
+                del cols   # free this chunk before the generator builds the next one
             grad_w = gw.view(out_c, kh, kw, cg).permute(0, 3, 1, 2).contiguous()
         if has_bias and need_b:
             grad_b = go.sum(0).reshape(out_c)
