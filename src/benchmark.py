@@ -93,8 +93,8 @@ def forward_study(model, x, variants, device, warmup, repeats):
                 first = time.perf_counter() - start          # build + first call (compiles)
                 seconds = median_seconds(lambda: runner(x), device, warmup, repeats)
             rows.append((name, seconds, first, ""))
-        except Exception as e:   # a variant this PyTorch cannot build is reported, not fatal
-            rows.append((name, None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"))
+        except Exception as e:
+            rows.append((name, None, None, failure_note(e)))
     return rows
 
 
@@ -116,6 +116,17 @@ def train_epoch_seconds(model, images, labels, batch_size, device):
     rest = timed(lambda: [step(i) for i in tqdm(starts, leave=False, file=sys.stderr)], device)
     # Scale to the full epoch so eager and compiled are compared over the same number of steps.
     return rest * (len(starts) + 1) / max(len(starts), 1), first
+
+
+def failure_note(e):
+    """One short table cell for a variant this PyTorch cannot run (reported, not fatal)."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
+
+
+def random_epoch(n, device):
+    """(images, labels) of random data for timing training epochs without a dataset."""
+    return (torch.randn(n, 3, 32, 32, device=device),
+            torch.randint(0, 10, (n,), device=device))
 
 
 def markdown(rows, unit_scale, unit, baseline):
@@ -141,8 +152,7 @@ def timing_study(args, device):
     print(markdown(rows, 1e3, "median ms/batch", rows[0][1]))
 
     if not args.skip_epoch:
-        images = torch.randn(args.epoch_images, 3, 32, 32, device=device)
-        labels = torch.randint(0, 10, (args.epoch_images,), device=device)
+        images, labels = random_epoch(args.epoch_images, device)
         epoch_rows = []
         for name in [v for v in ("eager", "torch.compile") if v in variants]:
             torch.manual_seed(0)
@@ -152,8 +162,7 @@ def timing_study(args, device):
                 seconds, first = train_epoch_seconds(net, images, labels, args.batch_size, device)
                 epoch_rows.append((name, seconds, first, ""))
             except Exception as e:
-                epoch_rows.append((name, None, None,
-                                   f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"))
+                epoch_rows.append((name, None, None, failure_note(e)))
         print(f"\nSeed net, one training epoch of {args.epoch_images} images, "
               f"batch {args.batch_size}\n")
         print(markdown(epoch_rows, 1, "s/epoch (first step excluded)", epoch_rows[0][1]))
@@ -346,10 +355,9 @@ def conv_benchmark(args, device):
     if args.epoch_images:
         print(f"\n| network | epoch of {args.epoch_images} images, hand s | native s | ratio |")
         print("|---|---:|---:|---:|")
+        images, labels = random_epoch(args.epoch_images, device)
         for name in names:
             batch = args.batch_size or PRESETS[name]["batch_size"]
-            images = torch.randn(args.epoch_images, 3, 32, 32, device=device)
-            labels = torch.randint(0, 10, (args.epoch_images,), device=device)
             seconds = {}
             for conv in ("hand", "native"):
                 torch.manual_seed(0)
