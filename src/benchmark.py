@@ -239,7 +239,8 @@ def conv_step_functions(conv, forward, x, grad, device):
         with autocast:
             y = forward(x)
         y.backward(grad)
-        conv.weight.grad = conv.bias.grad = x.grad = None
+        conv.zero_grad(set_to_none=True)
+        x.grad = None
 
     return infer, train_step
 

@@ -169,11 +169,12 @@ def one_hot(labels, num_classes, smoothing=0.0):
     return targets * (1 - smoothing) + smoothing / num_classes
 
 
-def random_crop(x, pad, gen):
-    """Each image shifted by its own random offset in [-pad, pad]^2, zero-filled (after
-    normalisation zero is the mean colour): a crop from the padded image, as one gather."""
+def random_crop(x, pad, gen, mode="constant"):
+    """Each image shifted by its own random offset in [-pad, pad]^2: a crop from the padded
+    image, as one gather. Zero padding (after normalisation zero is the mean colour) or, with
+    mode="reflect", the image mirrored at its borders (airbench's translation)."""
     n, c, h, w = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))
+    xp = F.pad(x, (pad, pad, pad, pad), mode=mode)
     dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen, device=gen.device).to(x.device)
     dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen, device=gen.device).to(x.device)
     rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
@@ -189,7 +190,32 @@ def random_flip(x, gen):
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def augment(x, gen, crop_pad=4):
+def alternating_flip(x, flip_bits, epoch):
+    """Mirror image i when flip_bits[i] differs from the epoch's parity: a random half of the
+    images in even epochs, the other half in odd ones, so every image is seen both ways
+    in any two consecutive epochs (airbench's alternating flip)."""
+    flip = flip_bits.to(x.device) ^ bool(epoch % 2)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def cutout(x, size, gen):
+    """Zero (the mean colour) one size x size square per image, centred on a uniformly drawn
+    pixel (an even square reaches one pixel further down and right) and clipped at the
+    borders."""
+    n, _, h, w = x.shape
+    top = torch.randint(0, h, (n, 1, 1), generator=gen, device=gen.device).to(x.device)
+    left = torch.randint(0, w, (n, 1, 1), generator=gen, device=gen.device).to(x.device)
+    top, left = top - (size - 1) // 2, left - (size - 1) // 2
+    rows = torch.arange(h, device=x.device)[None, :, None]
+    cols = torch.arange(w, device=x.device)[None, None, :]
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return x.masked_fill(inside[:, None], 0)
+
+
+def augment(x, gen, crop_pad=4, pad_mode="constant", flip_bits=None, epoch=0, cutout_size=0):
+    """Random translation, then a random flip, or with `flip_bits` the alternating flip, then
+    optional cutout. Every random draw comes from `gen`."""
     if crop_pad:
-        x = random_crop(x, crop_pad, gen)
-    return random_flip(x, gen)
+        x = random_crop(x, crop_pad, gen, pad_mode)
+    x = random_flip(x, gen) if flip_bits is None else alternating_flip(x, flip_bits, epoch)
+    return cutout(x, cutout_size, gen) if cutout_size else x

@@ -3,6 +3,7 @@
     python src/inference.py                      # test set: accuracy, per class, confusion
     python src/inference.py cat.jpg ship.png     # top-3 classes per image
     python src/inference.py --json ...           # the same as JSON on stdout
+    python src/inference.py --tta ...            # with test-time augmentation
 """
 import json
 import os
@@ -13,7 +14,7 @@ import torch
 import cli
 from data import DataError, load_cifar, load_torch_file
 from device import describe, pick_device
-from model import MODELS, build_model, predict_logits
+from model import MODELS, TTA_LEVELS, build_model, predict_logits
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
                                "weights", "seed_cifar10.pt")
@@ -27,7 +28,20 @@ def get_args(argv=None):
     p.add_argument("--data-dir", default="data", help="where the dataset is (test-set report)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--tta", nargs="?", const="auto", default="0", metavar="LEVEL",
+                   choices=["auto", *map(str, TTA_LEVELS)],
+                   help="test-time augmentation: " + ", ".join(
+                       f"{k} {v}" for k, v in TTA_LEVELS.items())
+                   + "; the flag alone: the level the weights were trained to report")
     return p.parse_args(argv)
+
+
+def tta_level(flag, weights):
+    """The --tta flag's level; "auto" (the flag alone) means the level the weights were trained
+    to report, or mirror + translations (2) for weights saved without one (or with none)."""
+    if flag == "auto":
+        return weights.get("tta") or 2
+    return int(flag)
 
 
 def load_weights(path):
@@ -59,21 +73,22 @@ def read_image(path):
         .permute(2, 0, 1)
 
 
-def test_report(model, weights, data, device):
+def test_report(model, weights, data, device, tta=0):
     labels = data["test_y"].to(device)
     mean, std = torch.tensor(weights["mean"]), torch.tensor(weights["std"])
-    pred = predict_logits(model, data["test_x"].to(device), mean, std).argmax(1)
+    pred = predict_logits(model, data["test_x"].to(device), mean, std, tta=tta).argmax(1)
     n = len(weights["classes"])
     confusion = torch.bincount(labels * n + pred, minlength=n * n).view(n, n).cpu()
     per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1)
-    return {"accuracy": confusion.diag().sum().item() / len(labels),
+    return {"accuracy": confusion.diag().sum().item() / len(labels), "tta": tta,
             "per_class": dict(zip(weights["classes"], per_class.tolist())),
             "confusion": confusion.tolist()}
 
 
 def print_report(report, classes):
     total = sum(map(sum, report["confusion"]))
-    print(f"test accuracy: {report['accuracy']:.4f} of {total} images")
+    tta = f", test-time augmentation: {TTA_LEVELS[report['tta']]}" if report["tta"] else ""
+    print(f"test accuracy: {report['accuracy']:.4f} of {total} images{tta}")
     width = max(len(c) for c in classes)
     for c, acc in report["per_class"].items():
         print(f"  {c:<{width}}  {acc:.4f}")
@@ -84,10 +99,10 @@ def print_report(report, classes):
         print(f"  {c:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
 
 
-def classify_images(model, weights, images, paths, device):
+def classify_images(model, weights, images, paths, device, tta=0):
     images = images.to(device)
     mean, std = torch.tensor(weights["mean"]), torch.tensor(weights["std"])
-    probs = predict_logits(model, images, mean, std).softmax(1)
+    probs = predict_logits(model, images, mean, std, tta=tta).softmax(1)
     top = probs.topk(min(3, probs.shape[1]), dim=1)
     return [{"path": p, "top": [{"class": weights["classes"][i], "prob": v}
                                 for v, i in zip(vals.tolist(), idx.tolist())]}
@@ -100,6 +115,7 @@ def main(argv=None):
         # Every input is checked before anything is printed.
         device = pick_device(args.device, verbose=False)
         model, weights = load_weights(args.weights)
+        tta = tta_level(args.tta, weights)
         if args.images:
             images = torch.stack([read_image(p) for p in args.images])
         else:
@@ -109,7 +125,7 @@ def main(argv=None):
         print(f"device: {describe(device)}", file=sys.stderr)
         model.to(device)
         if args.images:
-            results = classify_images(model, weights, images, args.images, device)
+            results = classify_images(model, weights, images, args.images, device, tta)
             if args.json:
                 print(json.dumps(results))
             else:
@@ -117,7 +133,7 @@ def main(argv=None):
                     print(f"{r['path']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}"
                                                        for t in r["top"]))
         else:
-            report = test_report(model, weights, data, device)
+            report = test_report(model, weights, data, device, tta)
             if args.json:
                 print(json.dumps(report))
             else:

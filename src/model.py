@@ -46,17 +46,25 @@ def _pad_channels_last(x, pads):
     memory, which is what keeps the gather (and the matmul after it) fast."""
     left, right, top, bottom = pads
     n, c, h, w = x.shape
-    xp = x.new_zeros((n, h + top + bottom, w + left + right, c)).permute(0, 3, 1, 2)
+    xp = x.new_empty((n, h + top + bottom, w + left + right, c)).permute(0, 3, 1, 2)
     xp[:, :, top:top + h, left:left + w] = x
+    # Zero only the border (filling the whole tensor first would write the interior twice).
+    xp[:, :, :top].zero_()
+    xp[:, :, top + h:].zero_()
+    xp[:, :, top:top + h, :left].zero_()
+    xp[:, :, top:top + h, left + w:].zero_()
     return xp
 
 
 def _images_per_chunk(xp, out_hw, kernel_size):
     """How many images to unfold at a time so that one chunk's im2col matrix is no larger than
-    the padded input itself (at least one image, and up to 1 MiB of columns regardless)."""
+    the padded input itself, nor than 4 MiB (at least one image, and up to 1 MiB of columns
+    regardless). Small chunks are reused from the heap; large ones are fresh mappings whose
+    page faults cost more than the gather (glibc maps anything above 32 MiB; the 4 MiB cap made
+    a fast94 training step at batch 1024 1.6x faster than no cap, docs/conv_performance.md)."""
     (ho, wo), (kh, kw) = out_hw, kernel_size
     cols_per_image = ho * wo * kh * kw * xp.shape[1] * xp.element_size()
-    budget = max(xp.numel() * xp.element_size(), 2 ** 20)
+    budget = min(max(xp.numel() * xp.element_size(), 2 ** 20), 4 * 2 ** 20)
     return max(1, min(xp.shape[0], budget // cols_per_image))
 
 
@@ -161,12 +169,18 @@ class _UnfoldMatmulConv(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
 
         if need_w:
-            gw = go.new_zeros((groups, og, k))
+            # Accumulated as grad W^T = cols^T @ go (K, O/G): on MKL this orientation of the
+            # same product is 8-30 % faster than grad_y^T @ cols (docs/conv_performance.md, 2d).
+            gw_t = go.new_zeros((groups, k, og))
             for start, cols in _column_chunks(xp, (kh, kw), stride, dilation, groups, (ho, wo)):
                 go_c = go[start:start + cols.shape[1]].transpose(0, 1)          # (G, m, O/G)
-                gw.baddbmm_(go_c.transpose(1, 2), cols)
+                if groups == 1:
+                    gw_t[0].addmm_(cols[0].t(), go_c[0])
+                else:
+                    gw_t.baddbmm_(cols.transpose(1, 2), go_c)
                 del cols   # free this chunk before the generator builds the next one
-            grad_w = gw.view(out_c, kh, kw, cg).permute(0, 3, 1, 2).contiguous()
+            grad_w = gw_t.permute(0, 2, 1).reshape(out_c, kh, kw, cg).permute(0, 3, 1, 2)
+            grad_w = grad_w.contiguous()
         if has_bias and need_b:
             grad_b = go.sum(0).reshape(out_c)
         if need_x and stride == (1, 1):
@@ -301,12 +315,34 @@ class Conv2d(nn.Module):
         return s + ("" if self.bias is not None else ", bias=False")
 
 
+TTA_LEVELS = {0: "none", 1: "mirror", 2: "mirror + 1-pixel translations"}
+
+
+def tta_logits(model, x, level=0):
+    """Logits for a normalised batch, averaged over test-time augmentations (as airbench):
+    level 1 averages the image and its mirror; level 2 gives that average weight 1/2 and the
+    mirror-averaged logits of the image shifted one pixel up-left and one down-right (reflect
+    padding) weight 1/4 each."""
+    if level == 0:
+        return model(x)
+    mirrored = 0.5 * (model(x) + model(x.flip(3)))
+    if level == 1:
+        return mirrored
+    h, w = x.shape[2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[:, :, :h, :w], padded[:, :, 2:, 2:]]
+    return 0.5 * mirrored + 0.25 * sum(tta_logits(model, s, 1) for s in shifted)
+
+
 @torch.no_grad()
-def predict_logits(model, images, mean, std, batch_size=1000):
-    """Logits (float32) for uint8 images, in eval mode and in batches, on the images' device."""
+def predict_logits(model, images, mean, std, batch_size=1000, tta=0):
+    """Logits (float32) for uint8 images, in eval mode and in batches, on the images' device,
+    with test-time augmentation of the given level (`TTA_LEVELS`)."""
+    if tta not in TTA_LEVELS:
+        raise ValueError(f"TTA level must be one of {sorted(TTA_LEVELS)}, got {tta}")
     model.eval()
-    return torch.cat([model(normalize(images[i:i + batch_size], mean, std)).float()
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat([tta_logits(model, normalize(images[i:i + batch_size], mean, std), tta)
+                      .float() for i in range(0, len(images), batch_size)])
 
 
 CONVS = {"hand": Conv2d, "native": nn.Conv2d}   # "native" exists only for tests and benchmarks
@@ -373,3 +409,106 @@ class SeedNet(nn.Module):
 @register("seed")
 def seed_net(num_classes, conv):
     return SeedNet(num_classes, conv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast, accurate networks (after airbench: github.com/KellerJordan/cifar10-airbench)
+
+def whitening_filters(images, kernel_size=2, eps=5e-4):
+    """Filters for a frozen first conv that whitens kernel_size^2 patches of `images`.
+
+    The (uncentred) covariance of all patches has eigenvectors v_i and eigenvalues l_i; the
+    filters v_i / sqrt(l_i + eps), largest first, make the patch features uncorrelated with
+    unit variance (eps caps the gain of near-empty directions). Their negatives follow, so
+    that a GELU after the conv keeps both signs: 2 * C * k^2 filters of shape (C, k, k)."""
+    k, c = kernel_size, images.shape[1]
+    patches = images.unfold(2, k, 1).unfold(3, k, 1)                  # (N, C, H', W', k, k)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)          # ascending
+    filters = eigenvectors.T.flip(0) / torch.sqrt(eigenvalues.flip(0) + eps)[:, None]
+    filters = filters.reshape(c * k * k, c, k, k).to(images.dtype)
+    return torch.cat([filters, -filters])
+
+
+def frozen_scale_batchnorm(width, momentum):
+    """BatchNorm whose scale stays 1 (only the shift learns), with a tiny eps as airbench.
+    `momentum` is PyTorch's (weight of the new batch in the running statistics)."""
+    norm = nn.BatchNorm2d(width, eps=1e-12, momentum=momentum)
+    norm.weight.requires_grad_(False)
+    return norm
+
+
+def dirac_conv(conv, c_in, c_out):
+    """A 3x3 'same' conv without bias whose first c_in filters start as the identity: at
+    initialisation the block passes its input through, which lets these nets train fast."""
+    layer = conv(c_in, c_out, 3, padding="same", bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(layer.weight[:c_in])
+    return layer
+
+
+class ConvGroup(nn.Module):
+    """conv -> 2x2 max-pool -> BN -> GELU, then `depth - 1` more conv -> BN -> GELU; with
+    `residual`, the input of the second conv is added to the output of the last one."""
+
+    def __init__(self, c_in, c_out, conv, bn_momentum, depth=2, residual=False):
+        super().__init__()
+        self.residual = residual
+        self.convs = nn.ModuleList([dirac_conv(conv, c_in, c_out)] + [
+            dirac_conv(conv, c_out, c_out) for _ in range(depth - 1)])
+        self.norms = nn.ModuleList([frozen_scale_batchnorm(c_out, bn_momentum)
+                                    for _ in range(depth)])
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        x = F.gelu(self.norms[0](self.pool(self.convs[0](x))))
+        skip = x
+        for conv, norm in zip(self.convs[1:], self.norms[1:]):
+            x = F.gelu(norm(conv(x)))
+        return x + skip if self.residual else x
+
+
+class FastNet(nn.Module):
+    """airbench's network: a frozen 2x2 patch-whitening conv (+ GELU), three ConvGroups, a
+    global max-pool and a linear head whose logits are scaled down (1/9 as airbench).
+
+    `init_whitening(images)` sets the whitening filters from training images; until then they
+    are the default random conv init. Only the whitening bias trains (for a few epochs)."""
+
+    def __init__(self, num_classes, conv, widths=(64, 256, 256), depth=2, residual=False,
+                 whiten_kernel=2, bn_momentum=0.4, logit_scale=1 / 9):
+        super().__init__()
+        whiten_width = 2 * 3 * whiten_kernel ** 2
+        self.whiten = conv(3, whiten_width, whiten_kernel, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        c_ins = (whiten_width,) + tuple(widths[:-1])
+        self.groups = nn.Sequential(*[ConvGroup(c_in, c_out, conv, bn_momentum, depth, residual)
+                                      for c_in, c_out in zip(c_ins, widths)])
+        self.head = nn.Linear(widths[-1], num_classes, bias=False)
+        self.logit_scale = logit_scale
+
+    @torch.no_grad()
+    def init_whitening(self, images, eps=5e-4):
+        self.whiten.weight.copy_(whitening_filters(images, self.whiten.kernel_size[0], eps))
+
+    def forward(self, x):
+        x = self.groups(F.gelu(self.whiten(x)))
+        x = F.adaptive_max_pool2d(x, 1).flatten(1)
+        return self.head(x) * self.logit_scale
+
+
+@register("fast94")
+def fast94_net(num_classes, conv):
+    return FastNet(num_classes, conv, widths=(64, 256, 256))
+
+
+@register("fast95")
+def fast95_net(num_classes, conv):
+    return FastNet(num_classes, conv, widths=(128, 384, 384))
+
+
+@register("fast96")
+def fast96_net(num_classes, conv):
+    """10 convs: three convs per group with a residual over the last two (as airbench96)."""
+    return FastNet(num_classes, conv, widths=(128, 512, 512), depth=3, residual=True)

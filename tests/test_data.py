@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import CIFAR10_CLASSES
-from data import (DataError, augment, channel_stats, load_cifar, normalize, one_hot,
-                  random_crop, random_flip, stratified_split)
+from data import (DataError, alternating_flip, augment, channel_stats, cutout, load_cifar,
+                  normalize, one_hot, random_crop, random_flip, stratified_split)
 
 
 def test_reads_cifar10_layout(cifar10_dir):
@@ -113,12 +113,13 @@ def test_one_hot_and_label_smoothing():
     assert torch.allclose(soft.sum(1), torch.ones(2))
 
 
-def test_random_crop_is_a_shift_with_zero_fill():
+@pytest.mark.parametrize("mode", ["constant", "reflect"])
+def test_random_crop_is_a_shift_with_zero_or_mirrored_fill(mode):
     x = torch.arange(1, 1 + 6 * 2 * 8 * 8, dtype=torch.float32).view(6, 2, 8, 8)
-    out = random_crop(x, 2, torch.Generator().manual_seed(0))
+    out = random_crop(x, 2, torch.Generator().manual_seed(0), mode)
     assert out.shape == x.shape
     for img, src in zip(out, x):
-        padded = torch.nn.functional.pad(src, (2, 2, 2, 2))
+        padded = torch.nn.functional.pad(src[None], (2, 2, 2, 2), mode=mode)[0]
         matches = [(dy, dx) for dy in range(5) for dx in range(5)
                    if torch.equal(padded[:, dy:dy + 8, dx:dx + 8], img)]
         assert len(matches) == 1
@@ -140,3 +141,39 @@ def test_augment_is_reproducible_from_the_generator():
     a = augment(x, torch.Generator().manual_seed(5))
     b = augment(x, torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and not torch.equal(a, x)
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    x = torch.randn(300, 3, 5, 5)
+    bits = torch.rand(300, generator=torch.Generator().manual_seed(1)) < 0.5
+    seen = []
+    for epoch in range(4):
+        out = alternating_flip(x, bits, epoch)
+        flipped = torch.tensor([torch.equal(o, s.flip(2)) for o, s in zip(out, x)])
+        kept = torch.tensor([torch.equal(o, s) for o, s in zip(out, x)])
+        assert (flipped ^ kept).all()
+        seen.append(flipped)
+    assert torch.equal(seen[0], bits) and torch.equal(seen[1], ~bits)
+    assert torch.equal(seen[0], seen[2]) and torch.equal(seen[1], seen[3])
+
+
+@pytest.mark.parametrize("size", [3, 4])
+def test_cutout_zeroes_one_square_clipped_at_the_borders(size):
+    x = torch.ones(500, 2, 10, 10)
+    out = cutout(x, size, torch.Generator().manual_seed(0))
+    holes = out[:, 0] == 0
+    assert torch.equal(holes, out[:, 1] == 0)                  # the same square in every channel
+    rows, cols = holes.any(2), holes.any(1)
+    assert (rows.sum(1) * cols.sum(1) == holes.sum((1, 2))).all()   # a rectangle...
+    assert rows.sum(1).max() == size and cols.sum(1).max() == size   # ...of at most size^2
+    assert (holes.sum((1, 2)) == size * size).float().mean() > 0.3  # mostly whole squares
+    assert (holes.sum((1, 2)) < size * size).any()                 # some clipped at a border
+    assert ((out == 0) | (out == 1)).all()
+
+
+def test_augment_with_alternating_flip_and_cutout_is_reproducible():
+    x = torch.randn(8, 3, 32, 32)
+    bits = torch.tensor([True, False] * 4)
+    a = augment(x, torch.Generator().manual_seed(5), 2, "reflect", bits, 1, 8)
+    b = augment(x, torch.Generator().manual_seed(5), 2, "reflect", bits, 1, 8)
+    assert torch.equal(a, b) and (a == 0).any()

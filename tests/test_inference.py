@@ -31,7 +31,7 @@ def test_test_set_report_as_json(trained):
                         "--device", "cpu")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report) == {"accuracy", "per_class", "confusion"}
+    assert set(report) == {"accuracy", "tta", "per_class", "confusion"} and report["tta"] == 0
     confusion = np.array(report["confusion"])
     assert confusion.shape == (10, 10) and confusion.sum() == 30
     assert confusion.sum(1).tolist() == [3] * 10            # 30 test images, labels cycle
@@ -130,6 +130,15 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path):
         assert result.stdout == ""
 
 
+def test_bad_tta_level_is_one_line():
+    result = run_script("inference.py", "--tta", "4")
+    assert result.returncode == 2 and result.stdout == ""
+    # Python 3.12 stopped quoting the choices in argparse's message; both forms are one line.
+    message = ("error: inference.py: argument --tta: invalid choice: '4' (choose from {0}auto{0}, "
+               "{0}0{0}, {0}1{0}, {0}2{0}) (see --help)")
+    assert result.stderr.strip() in {message.format(""), message.format("'")}
+
+
 def test_shipped_weights_are_the_default_and_load(tmp_path):
     path = tmp_path / "red.png"
     Image.new("RGB", (64, 48), (180, 30, 30)).save(path)
@@ -138,3 +147,47 @@ def test_shipped_weights_are_the_default_and_load(tmp_path):
     top = json.loads(result.stdout)[0]["top"]
     assert len(top) == 3 and {t["class"] for t in top} <= set(CIFAR10_CLASSES)
     assert 0 < sum(t["prob"] for t in top) <= 1 + 1e-6
+
+
+@pytest.fixture(scope="module")
+def trained_fast94(tmp_path_factory):
+    """(weights path, data dir) from a 1-epoch fast94 run (its weights record TTA level 2)."""
+    from conftest import write_cifar10
+    root = tmp_path_factory.mktemp("fast94")
+    data = str(root / "data")
+    write_cifar10(data)
+    result = run_script("train.py", "--preset", "fast94", "--epochs", "1", "--batch-size", "50",
+                        "--device", "cpu", "--data-dir", data, "--out", root / "run")
+    assert result.returncode == 0, result.stderr
+    return root / "run" / "weights.pt", data
+
+
+def test_tta_flag_reproduces_the_accuracies_recorded_by_train(trained_fast94):
+    weights, data = trained_fast94
+    recorded = torch.load(weights, weights_only=True)
+    with_tta = run_script("inference.py", "--weights", weights, "--data-dir", data, "--json",
+                          "--tta", "--device", "cpu")
+    without = run_script("inference.py", "--weights", weights, "--data-dir", data, "--json",
+                         "--device", "cpu")
+    assert with_tta.returncode == 0 and without.returncode == 0, with_tta.stderr + without.stderr
+    assert json.loads(with_tta.stdout)["tta"] == 2 and json.loads(without.stdout)["tta"] == 0
+    # train.py records a float32 mean, inference.py a count ratio: equal to float32 precision.
+    assert json.loads(with_tta.stdout)["accuracy"] == pytest.approx(recorded["test_accuracy"],
+                                                                    abs=1e-6)
+    assert json.loads(without.stdout)["accuracy"] == pytest.approx(
+        recorded["test_accuracy_without_tta"], abs=1e-6)
+
+
+def test_tta_on_image_files_averages_the_augmented_views(trained_fast94, tmp_path):
+    weights, data = trained_fast94
+    test_x = load_cifar(data, download=False)["test_x"]
+    path = tmp_path / "test_3.png"
+    Image.fromarray(test_x[3].permute(1, 2, 0).numpy()).save(path)
+    result = run_script("inference.py", "--weights", weights, "--json", "--tta", "1", path)
+    assert result.returncode == 0, result.stderr
+    model, w = load_weights(str(weights))
+    expected = predict_logits(model, test_x[[3]], torch.tensor(w["mean"]),
+                              torch.tensor(w["std"]), tta=1).softmax(1)[0]
+    top = json.loads(result.stdout)[0]["top"][0]
+    assert top["class"] == CIFAR10_CLASSES[expected.argmax()]
+    assert top["prob"] == pytest.approx(expected.max().item(), abs=1e-6)

@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (MODELS, Conv2d, SeedNet, _images_per_chunk, build_model,
-                   conv2d_unfold_autograd)
+                   conv2d_unfold_autograd, dirac_conv, predict_logits, tta_logits,
+                   whitening_filters)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # max |a - b| / max |b|
 
@@ -209,3 +210,103 @@ def test_build_model_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown conv 'fast'"):
         build_model("seed", conv="fast")
     assert isinstance(SeedNet(), nn.Module)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast networks: whitening, dirac init, TTA
+
+def correlated_images(n=200, seed=0):
+    """Images whose pixels are correlated across channels and neighbours (like photos)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 1, 33, 33, generator=gen, dtype=torch.float64)
+    smooth = (base[:, :, 1:, 1:] + base[:, :, :-1, :-1]) / 2
+    return smooth.repeat(1, 3, 1, 1) + 0.3 * torch.randn(n, 3, 32, 32, generator=gen,
+                                                         dtype=torch.float64)
+
+
+def test_whitening_filters_make_patch_features_uncorrelated_with_unit_variance():
+    images = correlated_images()
+    filters = whitening_filters(images, kernel_size=2, eps=0.0)
+    assert filters.shape == (24, 3, 2, 2) and filters.dtype == torch.float64
+    assert torch.equal(filters[12:], -filters[:12])
+    features = F.conv2d(images, filters[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
+    covariance = features.T @ features / len(features)
+    assert (covariance - torch.eye(12, dtype=torch.float64)).abs().max() < 1e-8
+
+
+def test_whitening_eps_caps_the_gain_of_weak_directions():
+    images = correlated_images()
+    plain = whitening_filters(images, eps=0.0)[:12].flatten(1).norm(dim=1)
+    capped = whitening_filters(images, eps=1.0)[:12].flatten(1).norm(dim=1)
+    assert (capped < plain).all() and plain[-1] > plain[0]   # the weakest direction is last
+
+
+def test_fast_net_whitening_layer_is_set_and_frozen():
+    net = build_model("fast94")
+    images = correlated_images(50).float()
+    net.init_whitening(images)
+    assert torch.allclose(net.whiten.weight, whitening_filters(images), atol=1e-6)
+    assert not net.whiten.weight.requires_grad and net.whiten.bias.requires_grad
+
+
+def test_dirac_conv_passes_its_input_through_in_the_first_channels():
+    layer = dirac_conv(Conv2d, 4, 6)
+    x = torch.randn(2, 4, 7, 7)
+    assert torch.equal(layer(x)[:, :4], x) and layer.bias is None
+
+
+@pytest.mark.parametrize("name, convs", [("fast94", 7), ("fast95", 7), ("fast96", 10)])
+def test_fast_nets_hand_and_native_are_the_same_function(name, convs):
+    torch.manual_seed(0)
+    hand = build_model(name, 10).double().eval()
+    torch.manual_seed(0)
+    native = build_model(name, 10, conv="native").double().eval()
+    assert sum(isinstance(m, Conv2d) for m in hand.modules()) == convs   # whitening included
+    assert not any(isinstance(m, nn.Conv2d) for m in hand.modules())
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    out = hand(x)
+    assert out.shape == (3, 10)
+    assert (out - native(x)).abs().max() <= 1e-10 * native(x).abs().max()
+
+
+def test_fast_net_batchnorm_scales_are_frozen_at_one():
+    norms = [m for m in build_model("fast94").modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 6
+    assert all(not m.weight.requires_grad and m.bias.requires_grad for m in norms)
+    assert all(m.momentum == 0.4 and m.eps == 1e-12 for m in norms)
+
+
+def recording_model(calls):
+    """A 'model' that records each batch it sees and answers with the call's index one-hot, so
+    that TTA's output reveals the weight it gave each view."""
+    def model(x):
+        calls.append(x.clone())
+        return F.one_hot(torch.tensor(len(calls) - 1), 6).double().expand(len(x), 6)
+    return model
+
+
+def test_tta_level_two_weights_mirror_and_one_pixel_shifts():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float64).view(2, 3, 5, 5)
+    calls = []
+    out = tta_logits(recording_model(calls), x, level=2)
+    assert out[0].tolist() == [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
+    assert torch.equal(calls[0], x) and torch.equal(calls[1], x.flip(3))
+    up_left, down_right = calls[2], calls[4]
+    assert torch.equal(calls[3], up_left.flip(3)) and torch.equal(calls[5], down_right.flip(3))
+    assert torch.equal(up_left[:, :, 1:, 1:], x[:, :, :-1, :-1])       # shifted by one pixel
+    assert torch.equal(up_left[:, :, 0, 1:], x[:, :, 1, :-1])          # reflected border
+    assert torch.equal(down_right[:, :, :-1, :-1], x[:, :, 1:, 1:])
+
+
+def test_tta_levels_zero_and_one():
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    calls = []
+    assert tta_logits(recording_model(calls), x, 0)[0].tolist() == [1, 0, 0, 0, 0, 0]
+    calls = []
+    assert tta_logits(recording_model(calls), x, 1)[0].tolist() == [0.5, 0.5, 0, 0, 0, 0]
+
+
+def test_predict_logits_refuses_an_unknown_tta_level():
+    with pytest.raises(ValueError, match=r"^TTA level must be one of \[0, 1, 2\], got 3$"):
+        predict_logits(build_model("seed"), torch.zeros(1, 3, 32, 32, dtype=torch.uint8),
+                       torch.zeros(3), torch.ones(3), tta=3)

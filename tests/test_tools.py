@@ -21,6 +21,23 @@ def test_benchmark_prints_markdown_tables_with_ratios():
     assert lines[-1].startswith("fastest forward: ")
 
 
+def test_conv_benchmark_times_every_layer_shape_and_ends_with_the_geomeans():
+    result = run_script("benchmark.py", "--conv", "--device", "cpu", "--models", "fast94",
+                        "--batch-size", "2", "--warmup", "1", "--repeats", "1",
+                        "--epoch-images", "4")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    layers = [row.split("|")[1].strip() for row in lines if row.startswith("| fast94.")]
+    # The whitening conv and the 3x3 convs (without bias) of the three groups, in order; the
+    # first conv of the last group has the shape of the one before it and is timed once.
+    assert layers == ["fast94.whiten"] + [f"fast94.groups.{name}" for name in (
+        "0.convs.0", "0.convs.1", "1.convs.0", "1.convs.1", "2.convs.1")]
+    assert any(row.startswith("| fast94 (batch 2) |") for row in lines)
+    assert lines[-2].startswith("geomean inference ratio (hand/native): ")
+    assert lines[-1].startswith("geomean train-step ratio (hand/native): ")
+    assert float(lines[-1].split()[-1]) > 0
+
+
 def test_benchmark_rejects_unknown_variant():
     result = run_script("benchmark.py", "--variants", "onnx")
     assert result.returncode == 2

@@ -10,6 +10,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import SRC, run_script, write_cifar10
+from data import load_cifar, normalize
+from model import build_model, whitening_filters
+from train import (get_args, lookahead_decay, lookahead_pull, lookahead_state, lr_factor,
+                   make_optimizers)
 
 TINY = ["--val-size", "20", "--batch-size", "32", "--device", "cpu"]
 
@@ -38,10 +42,11 @@ def test_one_epoch_writes_logs_checkpoint_and_weights(cifar10_dir, tmp_path):
     assert not list(out.glob("*.tmp"))
 
 
-def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+@pytest.mark.parametrize("preset", ["seed", "fast94"])   # fast94: lookahead, alternating flip
+def test_killed_and_resumed_run_ends_with_the_same_weights(preset, tmp_path):
     data = str(tmp_path / "data")
     write_cifar10(data, per_file=200, n_test=20)    # ~30 steps per epoch: time to kill it
-    args = ["--epochs", "2", "--data-dir", data, *TINY]
+    args = ["--preset", preset, "--epochs", "2", "--data-dir", data, *TINY]
 
     straight = tmp_path / "straight"
     assert run_script("train.py", *args, "--out", straight).returncode == 0
@@ -80,10 +85,17 @@ def test_diverging_loss_stops_with_a_clear_message(cifar10_dir, tmp_path):
     (["--bogus"], "error: train.py: unrecognized arguments: --bogus (see --help)"),
     (["--epochs", "two"], "error: train.py: argument --epochs: invalid int value: 'two' "
                           "(see --help)"),
-    (["--epochs", "0"], "error: train.py: --epochs, --batch-size and --val-size must be at "
-                        "least 1 (see --help)"),
-    (["--model", "vgg"], "error: train.py: argument --model: invalid choice: 'vgg' "
-                         "(choose from {0}seed{0}) (see --help)"),
+    (["--epochs", "0"], "error: train.py: --epochs, --batch-size and --runs must be at least "
+                        "1, --val-size and --cutout at least 0 (see --help)"),
+    (["--model", "vgg"], "error: train.py: argument --model: invalid choice: 'vgg' (choose from "
+                         "{0}fast94{0}, {0}fast95{0}, {0}fast96{0}, {0}seed{0}) (see --help)"),
+    (["--preset", "fast99"], "error: train.py: argument --preset: invalid choice: 'fast99' "
+                             "(choose from {0}fast94{0}, {0}fast95{0}, {0}fast96{0}, {0}seed{0}) "
+                             "(see --help)"),
+    (["--tta", "3"], "error: train.py: argument --tta: invalid choice: 3 (choose from 0, 1, 2) "
+                     "(see --help)"),
+    (["--resume", "x", "--runs", "2"], "error: train.py: --resume continues one run; it cannot "
+                                       "be combined with --runs (see --help)"),
     (["--device", "tpu"], "error: unknown device 'tpu'; choose from auto, cpu, cuda, xpu, mps"),
 ])
 def test_bad_flags_are_one_line(args, message, tmp_path):
@@ -135,3 +147,115 @@ def test_foreign_checkpoint_is_one_line(tmp_path):
     assert result.stderr == (f"error: {tmp_path / 'checkpoint.pt'} is not a checkpoint of "
                              f"this repo (expected keys model, optimizer, scheduler, epoch, rng, "
                              f"args)\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast presets' recipe
+
+def test_fast94_trains_end_to_end_with_whitening_and_tta(tmp_path):
+    data = str(tmp_path / "data")
+    write_cifar10(data, per_file=40, n_test=30)
+    out = tmp_path / "run"
+    result = run_script("train.py", "--preset", "fast94", "--epochs", "2", "--batch-size", "50",
+                        "--device", "cpu", "--data-dir", data, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("done: fast94 on cifar10, 2 epochs in ")
+    assert " with TTA 2 (" in result.stdout and "200 train / 0 val images" in result.stderr
+
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"train/loss", "train/accuracy", "lr"}  # no val
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    assert weights["model"] == "fast94" and weights["tta"] == 2
+    assert 0 <= weights["test_accuracy_without_tta"] <= 1
+    # The frozen whitening filters are those of the (all 200) normalised training images.
+    images = load_cifar(data, "cifar10", download=False)["train_x"]
+    mean, std = torch.tensor(weights["mean"]), torch.tensor(weights["std"])
+    expected = whitening_filters(normalize(images, mean, std))
+    assert torch.allclose(weights["state_dict"]["whiten.weight"], expected, atol=1e-6)
+
+
+def fast94_args(*flags):
+    return get_args(["--preset", "fast94", *flags])
+
+
+def test_decoupled_hyperparameters_follow_airbench():
+    model = build_model("fast94")
+    optimizers, pairs = make_optimizers(model, fast94_args())
+    (sgd,) = optimizers
+    assert pairs == []
+    others, shifts = sgd.param_groups
+    # lr 11.5 per 1024 examples / (1 + 1/(1 - 0.85)) at batch 1024; decay per step lr * wd.
+    assert others["lr"] == pytest.approx(1.5)
+    assert others["lr"] * others["weight_decay"] == pytest.approx(0.0153 / (1 + 1 / 0.15))
+    assert shifts["lr"] == pytest.approx(64 * 1.5)
+    assert shifts["lr"] * shifts["weight_decay"] == pytest.approx(0.0153 / (1 + 1 / 0.15))
+    norms = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {id(p) for p in shifts["params"]} == {id(p) for p in norms}
+    assert all(p is not model.whiten.weight for p in others["params"])   # frozen: not trained
+    half = make_optimizers(model, fast94_args("--batch-size", "512"))[0][0]
+    assert half.param_groups[0]["lr"] == pytest.approx(0.75)              # LR scales with batch
+
+
+def test_muon_updates_the_conv_filters_through_matrices_sharing_their_storage():
+    torch.manual_seed(0)
+    model = build_model("fast94")
+    (sgd, muon), pairs = make_optimizers(model, fast94_args("--optimizer", "muon"))
+    filters = [p for n, p in model.named_parameters() if p.ndim == 4 and p.requires_grad]
+    assert len(pairs) == len(filters) == 6 and isinstance(muon, torch.optim.Muon)
+    assert all(w.data_ptr() == m.data_ptr() and m.shape == (w.shape[0], w[0].numel())
+               for w, m in pairs)
+    assert not any(p.ndim == 4 for g in sgd.param_groups for p in g["params"])
+    before = [w.detach().clone() for w, _ in pairs]
+    model(torch.randn(4, 3, 32, 32)).square().mean().backward()
+    for w, m in pairs:
+        m.grad = w.grad.view_as(m)
+    muon.step()
+    assert all(not torch.equal(b, w) for b, (w, _) in zip(before, pairs))
+
+
+def test_lr_schedule_is_piecewise_linear():
+    args = fast94_args()
+    assert lr_factor(0, 100, args) == pytest.approx(0.2)
+    assert lr_factor(23, 100, args) == pytest.approx(1.0)
+    assert lr_factor(99, 100, args) == pytest.approx(0.07)
+    assert lr_factor(61, 100, args) == pytest.approx(1 - 0.93 * 38 / 76)
+
+
+def test_lookahead_pull_moves_the_slow_copy_then_resets_the_weights():
+    model = build_model("fast94")
+    slow = [t.clone() for t in lookahead_state(model)]
+    with torch.no_grad():
+        for t in lookahead_state(model):
+            t.add_(1.0)
+    fast = [t.clone() for t in lookahead_state(model)]
+    lookahead_pull(model, slow, 0.75)
+    for s, f, now in zip(slow, fast, lookahead_state(model)):
+        assert torch.allclose(s, f - 0.75, atol=1e-6) and torch.equal(now, s)
+    assert lookahead_decay(0, 10) == 0 and lookahead_decay(10, 10) == pytest.approx(0.95 ** 5)
+
+
+def test_runs_report_mean_and_std_over_seeds(cifar10_dir, tmp_path):
+    out = tmp_path / "runs"
+    result = run_script("train.py", "--epochs", "1", "--runs", "2", "--data-dir", cifar10_dir,
+                        "--out", out, *TINY)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.splitlines()[-1]
+    assert last.startswith("2 runs of seed: test accuracy ") and last.endswith(" s each")
+    accs = [torch.load(out / f"run{i}" / "weights.pt", weights_only=True)["test_accuracy"]
+            for i in range(2)]
+    assert f"test accuracy {sum(accs) / 2:.4f} ± " in last
+    assert torch.load(out / "run1" / "checkpoint.pt", weights_only=True)["args"]["seed"] == 1
+
+
+@pytest.mark.parametrize("preset, cutout, crop_pad", [("fast95", 0, 2), ("fast96", 12, 4)])
+def test_wider_and_residual_presets_train_end_to_end(preset, cutout, crop_pad, tmp_path):
+    args = get_args(["--preset", preset])
+    assert (args.model, args.cutout, args.crop_pad, args.tta) == (preset, cutout, crop_pad, 2)
+    data = str(tmp_path / "data")
+    write_cifar10(data, per_file=40, n_test=10)
+    result = run_script("train.py", "--preset", preset, "--epochs", "1", "--batch-size", "100",
+                        "--device", "cpu", "--data-dir", data, "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"done: {preset} on cifar10, 1 epochs in ")
+    assert torch.load(tmp_path / "run" / "weights.pt", weights_only=True)["model"] == preset
