@@ -60,8 +60,8 @@ def _images_per_chunk(xp, out_hw, kernel_size):
     """How many images to unfold at a time so that one chunk's im2col matrix is no larger than
     the padded input itself, nor than 4 MiB (at least one image, and up to 1 MiB of columns
     regardless). Small chunks are reused from the heap; large ones are fresh mappings whose
-    page faults cost more than the gather (glibc maps anything above 32 MiB; the 4 MiB cap made
-    a fast94 training step at batch 1024 1.6x faster than no cap, docs/conv_performance.md)."""
+    page faults cost more than the gather (glibc maps anything above 32 MiB; batch-1024 layers
+    had chunks of 100+ MB before the cap, docs/conv_performance.md variant 2e)."""
     (ho, wo), (kh, kw) = out_hw, kernel_size
     cols_per_image = ho * wo * kh * kw * xp.shape[1] * xp.element_size()
     budget = min(max(xp.numel() * xp.element_size(), 2 ** 20), 4 * 2 ** 20)
@@ -169,8 +169,8 @@ class _UnfoldMatmulConv(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
 
         if need_w:
-            # Accumulated as grad W^T = cols^T @ go (K, O/G): on MKL this orientation of the
-            # same product is 8-30 % faster than grad_y^T @ cols (docs/conv_performance.md, 2d).
+            # Accumulated as grad W^T = cols^T @ go (K, O/G): MKL ran this orientation of the
+            # same product faster than grad_y^T @ cols (docs/conv_performance.md, variant 2d).
             gw_t = go.new_zeros((groups, k, og))
             for start, cols in _column_chunks(xp, (kh, kw), stride, dilation, groups, (ho, wo)):
                 go_c = go[start:start + cols.shape[1]].transpose(0, 1)          # (G, m, O/G)
@@ -188,7 +188,11 @@ class _UnfoldMatmulConv(torch.autograd.Function):
             # of go, padded by the dilated kernel extent, with the kernel flipped in space and
             # transposed in channels. Only the rows and columns inside the padding are computed.
             eh, ew = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
-            gop = _pad_channels_last(grad_out, (ew, ew, eh, eh))[:, :, top:, left:]
+            exact = (ew - left, ew - right, eh - top, eh - bottom)
+            if min(exact) >= 0:    # pad only what the correlation reads (small maps: half)
+                gop = _pad_channels_last(grad_out, exact)
+            else:                  # padding wider than the kernel: pad fully, then crop
+                gop = _pad_channels_last(grad_out, (ew, ew, eh, eh))[:, :, top:, left:]
             w_rot = weight.view(groups, og, cg, kh, kw).flip(3, 4).permute(0, 2, 3, 4, 1)
             w_rot = w_rot.reshape(groups, cg, kh * kw * og)                     # (G, C/G, K')
             gx = _unfold_matmul(gop, w_rot, None, (h, w), (kh, kw), (1, 1), dilation, groups)
