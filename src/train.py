@@ -165,18 +165,19 @@ def evaluate(model, images, labels, mean, std, tta=0):
 
 
 def optimizer_groups(params, args):
-    """SGD parameter groups from (name, module, parameter) triples: BatchNorm shifts at
-    `bias_lr_scale` times the LR (with the same decay per step), everything else at the LR.
+    """SGD parameter groups from (module, parameter) pairs: BatchNorm shifts at `bias_lr_scale`
+    times the LR (with the same decay per step), everything else at the LR.
 
     With `decoupled` (airbench), lr and weight decay are per 1024 examples and divided by
-    1 + 1/(1 - momentum), the factor by which momentum amplifies a step: the LR scales with the
-    batch size, and the fraction of each weight decayed per step does not depend on the LR."""
+    1 + 1/(1 - momentum), as airbench does (1/(1 - momentum) is how much momentum amplifies a
+    step): the LR scales with the batch size, and the fraction of each weight decayed per step
+    does not depend on the LR."""
     lr, wd = args.lr, args.weight_decay
     if args.decoupled:
         scale = args.batch_size / 1024 / (1 + 1 / (1 - args.momentum))
         lr, wd = args.lr * scale, args.weight_decay / args.lr
-    shifts = [p for _, module, p in params if isinstance(module, torch.nn.BatchNorm2d)]
-    others = [p for _, module, p in params if not isinstance(module, torch.nn.BatchNorm2d)]
+    shifts = [p for module, p in params if isinstance(module, torch.nn.BatchNorm2d)]
+    others = [p for module, p in params if not isinstance(module, torch.nn.BatchNorm2d)]
     return [{"params": others, "lr": lr, "weight_decay": wd},
             {"params": shifts, "lr": lr * args.bias_lr_scale,
              "weight_decay": wd / args.bias_lr_scale}]
@@ -190,14 +191,13 @@ def make_optimizers(model, args):
     update of the filter. `muon_pairs` lists (filter, matrix) so that each step can hand the
     filter's gradient to its matrix."""
     # What trains now (a bias frozen later stays in its group: without a grad it takes no step).
-    params = [(name, model.get_submodule(name.rpartition(".")[0]), p)
+    params = [(model.get_submodule(name.rpartition(".")[0]), p)
               for name, p in model.named_parameters() if p.requires_grad]
     muon_pairs = []
     if args.optimizer == "muon":
-        filters = [t for t in params if t[2].ndim == 4]
-        params = [t for t in params if t[2].ndim != 4]
         muon_pairs = [(p, torch.nn.Parameter(p.detach().view(p.shape[0], -1)))
-                      for _, _, p in filters]
+                      for _, p in params if p.ndim == 4]
+        params = [(module, p) for module, p in params if p.ndim != 4]
     optimizers = [torch.optim.SGD(optimizer_groups(params, args), momentum=args.momentum,
                                   nesterov=True)]
     if muon_pairs:
