@@ -12,17 +12,22 @@ from inference import load_weights
 from model import predict_logits
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def train_one_epoch(tmp_path_factory, name, *flags):
     """(weights path, data dir) from a real 1-epoch run on synthetic files."""
     from conftest import write_cifar10
-    root = tmp_path_factory.mktemp("inference")
+    root = tmp_path_factory.mktemp(name)
     data = str(root / "data")
     write_cifar10(data)
-    result = run_script("train.py", "--epochs", "1", "--val-size", "20", "--batch-size", "32",
-                        "--device", "cpu", "--data-dir", data, "--out", root / "run")
+    result = run_script("train.py", "--epochs", "1", *flags, "--device", "cpu",
+                        "--data-dir", data, "--out", root / "run")
     assert result.returncode == 0, result.stderr
     return root / "run" / "weights.pt", data
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_one_epoch(tmp_path_factory, "inference", "--val-size", "20",
+                           "--batch-size", "32")
 
 
 def test_test_set_report_as_json(trained):
@@ -151,15 +156,8 @@ def test_shipped_weights_are_the_default_and_load(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_fast94(tmp_path_factory):
-    """(weights path, data dir) from a 1-epoch fast94 run (its weights record TTA level 2)."""
-    from conftest import write_cifar10
-    root = tmp_path_factory.mktemp("fast94")
-    data = str(root / "data")
-    write_cifar10(data)
-    result = run_script("train.py", "--preset", "fast94", "--epochs", "1", "--batch-size", "50",
-                        "--device", "cpu", "--data-dir", data, "--out", root / "run")
-    assert result.returncode == 0, result.stderr
-    return root / "run" / "weights.pt", data
+    """A 1-epoch fast94 run: its weights record TTA level 2."""
+    return train_one_epoch(tmp_path_factory, "fast94", "--preset", "fast94", "--batch-size", "50")
 
 
 def test_tta_flag_reproduces_the_accuracies_recorded_by_train(trained_fast94):
