@@ -300,7 +300,8 @@ def train(args):
     # channels-last without converting the model.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     timed = stopwatch(device)
-    if hasattr(model, "init_whitening"):   # from (at most) 5000 normalised training images
+    # From (at most) 5000 normalised training images; a resumed run loads its filters instead.
+    if hasattr(model, "init_whitening") and resume_ckpt is None:
         model.init_whitening(normalize(train_x[:5000], mean, std))
     timed_seconds = timed()
     optimizers, muon_pairs = make_optimizers(model, args)
