@@ -6,7 +6,8 @@ The whole dataset sits on the training device as one uint8 tensor; each step ind
 out of this epoch's permutation, normalises and augments it there, and takes one SGD step
 (the fast presets add airbench's whitening init, lookahead and test-time augmentation).
 Every epoch logs to TensorBoard (in the run folder) and writes a checkpoint atomically, so
-`--resume RUN_DIR` continues exactly where an interrupted run stopped.
+`--resume RUN_DIR` continues exactly where an interrupted run stopped. The same script runs
+data-parallel under `torchrun --nproc_per_node=N` (see distributed.py).
 """
 import math
 import os
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
+import distributed
 from data import (DATASETS, DataError, augment, channel_stats, load_cifar, load_torch_file,
                   normalize, one_hot, stratified_split)
 from device import describe, optimize_for_device, pick_device
@@ -118,6 +120,9 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="run folder (default: runs/<preset>-<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
+    p.add_argument("--dist-timeout", type=float, default=300,
+                   help="under torchrun: seconds a rank waits for the others before the whole "
+                        "job fails")
     args = p.parse_args(argv)
     if args.preset is None:
         args.preset = args.model if args.model in PRESETS else "seed"
@@ -158,10 +163,15 @@ def set_rng_states(states, data_gen):
 
 
 def evaluate(model, images, labels, mean, std, tta=0):
-    """(cross-entropy against the hard labels, accuracy) over a whole split."""
-    logits = predict_logits(model, images, mean, std, tta=tta)
-    loss = F.cross_entropy(logits, labels).item()
-    return loss, (logits.argmax(1) == labels).float().mean().item()
+    """(cross-entropy against the hard labels, accuracy) over a whole split. Under torchrun
+    each rank predicts its share and the sums are added up: every rank gets the whole split's
+    figures."""
+    mine = distributed.share()
+    logits = predict_logits(model, images[mine], mean, std, tta=tta)
+    sums = torch.stack([F.cross_entropy(logits.float(), labels[mine], reduction="sum"),
+                        (logits.argmax(1) == labels[mine]).sum().float()])
+    loss_sum, correct = distributed.all_reduce_sum(sums).tolist()
+    return loss_sum / len(images), correct / len(images)
 
 
 def optimizer_groups(params, args):
@@ -269,9 +279,15 @@ def train(args):
         args.resume, args.out, args.device = run_dir, run_dir, device_flag
 
     # A bad --device or dataset fails with its one line before anything else is printed.
-    device = pick_device(args.device, verbose=False)
+    device = distributed.init(pick_device(args.device, verbose=False), args.dist_timeout)
+    world, main_process = distributed.world_size(), distributed.is_main()
+    # Only rank 0 talks (and writes files); the other ranks train silently beside it.
+    log = (lambda *a: print(*a, file=sys.stderr)) if main_process else (lambda *a: None)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} (the global batch) does not split "
+                         f"evenly over {world} processes")
     data = load_cifar(args.data_dir, args.dataset)
-    print(f"device: {describe(device)}", file=sys.stderr)
+    log(f"device: {describe(device)}" + (f", {world} processes" if world > 1 else ""))
     torch.manual_seed(args.seed)
     data_gen = torch.Generator(device=device).manual_seed(args.seed)
     num_classes = len(data["classes"])
@@ -295,6 +311,9 @@ def train(args):
         flip_bits = (torch.rand(len(train_x), generator=bit_gen) < 0.5).to(device)
 
     model = build_model(args.model, num_classes).to(device)
+    if world > 1:
+        distributed.global_batchnorm(model)   # BatchNorm statistics of the whole global batch
+        torch.manual_seed(args.seed + distributed.rank())   # each rank its own dropout masks
     # On CUDA the hand-written conv runs in bf16 under autocast; its outputs are channels-last
     # already (the im2col matmul writes (N, H, W, C) rows), so BatchNorm, GELU and pooling run
     # channels-last without converting the model.
@@ -318,29 +337,40 @@ def train(args):
             for obj, state in zip(objects, states if isinstance(states, list) else [states]):
                 obj.load_state_dict(state)
         set_rng_states(resume_ckpt["rng"], data_gen)
+        if len(resume_ckpt["rng"].get("torch_ranks", [])) == world:
+            torch.set_rng_state(resume_ckpt["rng"]["torch_ranks"][distributed.rank()])
         if slow is not None:
             torch._foreach_copy_(slow, [t.to(device) for t in resume_ckpt["lookahead"]])
         start_epoch = resume_ckpt["epoch"] + 1
-        print(f"resuming {args.out} after epoch {start_epoch}", file=sys.stderr)
+        log(f"resuming {args.out} after epoch {start_epoch}")
 
-    step_model = model
+    def step_model_for(model):
+        """What the training step calls: the model, in DDP under torchrun, compiled with
+        --compile. DDP reduces the gradients of the parameters that train when it is built."""
+        wrapped = distributed.wrap(model, device)
+        return torch.compile(wrapped) if args.compile else wrapped
+
+    step_model, trains = step_model_for(model), [p.requires_grad for p in model.parameters()]
     if args.compile:
         # Compile on one batch before the clock runs, then put every weight and statistic back.
         saved = {k: v.clone() for k, v in model.state_dict().items()}
         compile_clock = stopwatch(device)
-        step_model = torch.compile(model)
         with autocast:
-            step_model(normalize(train_x[:args.batch_size], mean, std)).float().sum().backward()
+            step_model(normalize(train_x[:args.batch_size // world], mean, std)
+                       ).float().sum().backward()
         model.zero_grad(set_to_none=True)
         model.load_state_dict(saved)
-        print(f"compiled in {compile_clock():.1f}s (not counted in the times below)",
-              file=sys.stderr)
+        log(f"compiled in {compile_clock():.1f}s (not counted in the times below)")
 
-    os.makedirs(args.out, exist_ok=True)
-    writer = SummaryWriter(args.out)
-    print(f"{run_label(args)}: {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters, {len(train_x)} train / {len(val_x)} val images, {steps_per_epoch} "
-          f"steps per epoch, logs in {args.out}", file=sys.stderr)
+    writer = None
+    if main_process:
+        os.makedirs(args.out, exist_ok=True)
+        writer = SummaryWriter(args.out)
+    local_batch = args.batch_size // world
+    log(f"{run_label(args)}: {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters, {len(train_x)} train / {len(val_x)} val images, {steps_per_epoch} "
+        f"steps per epoch" + (f" of {world} x {local_batch} images" if world > 1 else "")
+        + f", logs in {args.out}")
 
     started = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
@@ -348,17 +378,22 @@ def train(args):
         model.train()
         if args.whiten_bias_epochs and hasattr(model, "whiten"):
             model.whiten.bias.requires_grad_(epoch < args.whiten_bias_epochs)
+        if world > 1 and trains != [p.requires_grad for p in model.parameters()]:
+            step_model, trains = step_model_for(model), [p.requires_grad
+                                                         for p in model.parameters()]
         perm = torch.randperm(len(train_x), generator=data_gen, device=device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   leave=False, file=sys.stderr, dynamic_ncols=True)
+                   leave=False, file=sys.stderr, dynamic_ncols=True, disable=not main_process)
         for step in bar:
             idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
+            # Every rank augments the whole global batch (the same random draws as one
+            # process: cheap next to the network) and trains on its share of it.
             x = augment(normalize(train_x[idx], mean, std), data_gen, args.crop_pad,
                         args.pad_mode, None if flip_bits is None else flip_bits[idx], epoch,
-                        args.cutout)
-            y = train_y[idx]
+                        args.cutout)[distributed.share()]
+            y = train_y[idx][distributed.share()]
             with autocast:
                 logits = step_model(x)
             loss = F.cross_entropy(logits.float(),
@@ -388,8 +423,10 @@ def train(args):
             lookahead_pull(model, slow, 1.0)      # the final weights are the slow ones
         timed_seconds += epoch_clock()
 
-        train_loss = loss_sum.item() / steps_per_epoch
-        train_acc = correct.item() / (steps_per_epoch * args.batch_size)
+        # Each rank summed the mean losses and the hits of its shares: add up over ranks.
+        sums = distributed.all_reduce_sum(torch.stack([loss_sum, correct.float()]))
+        train_loss = sums[0].item() / (steps_per_epoch * world)
+        train_acc = sums[1].item() / (steps_per_epoch * args.batch_size)
         scalars = {"train/loss": train_loss, "train/accuracy": train_acc,
                    "lr": schedulers[0].get_last_lr()[0]}
         line = f"epoch {epoch + 1:3d}/{args.epochs}  train loss {train_loss:.4f} " \
@@ -399,17 +436,22 @@ def train(args):
                 val_loss, val_acc = evaluate(model, val_x, val_y, mean, std)
             scalars.update({"val/loss": val_loss, "val/accuracy": val_acc})
             line += f"  val loss {val_loss:.4f} acc {val_acc:.4f}"
-        for name, value in scalars.items():
-            writer.add_scalar(name, value, epoch + 1)
-        writer.flush()
-        print(f"{line}  {time.perf_counter() - started:.0f}s", file=sys.stderr)
-        atomic_save({"model": model.state_dict(),
-                     "optimizer": [opt.state_dict() for opt in optimizers],
-                     "scheduler": [sched.state_dict() for sched in schedulers], "epoch": epoch,
-                     "rng": rng_states(data_gen), "args": vars(args),
-                     "lookahead": [t.cpu() for t in slow] if slow is not None else []},
-                    os.path.join(args.out, "checkpoint.pt"))
-    writer.close()
+        rng = rng_states(data_gen)
+        if world > 1:    # the dropout streams differ per rank; a resume restores each
+            rng["torch_ranks"] = distributed.all_gather(torch.get_rng_state())
+        log(f"{line}  {time.perf_counter() - started:.0f}s")
+        if main_process:
+            for name, value in scalars.items():
+                writer.add_scalar(name, value, epoch + 1)
+            writer.flush()
+            atomic_save({"model": model.state_dict(),
+                         "optimizer": [opt.state_dict() for opt in optimizers],
+                         "scheduler": [sched.state_dict() for sched in schedulers],
+                         "epoch": epoch, "rng": rng, "args": vars(args),
+                         "lookahead": [t.cpu() for t in slow] if slow is not None else []},
+                        os.path.join(args.out, "checkpoint.pt"))
+    if writer is not None:
+        writer.close()
 
     # The test set is touched once, here, after every choice has been made.
     test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
@@ -420,16 +462,18 @@ def train(args):
     with autocast:
         test_acc_plain = evaluate(model, test_x, test_y, mean, std)[1] if args.tta else test_acc
     weights_path = os.path.join(args.out, "weights.pt")
-    atomic_save({"model": args.model, "dataset": args.dataset, "classes": data["classes"],
-                 "mean": mean.tolist(), "std": std.tolist(),
-                 "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                 "test_accuracy": test_acc, "tta": args.tta,
-                 "test_accuracy_without_tta": test_acc_plain}, weights_path)
-    tta_note = f" with TTA {args.tta} ({test_acc_plain:.4f} without)" if args.tta else ""
-    print(f"done: {run_label(args)} on {args.dataset}, {args.epochs} epochs in "
-          f"{time.perf_counter() - started:.0f}s on {describe(device)} ({timed_seconds:.1f}s "
-          f"of whitening, training steps and test evaluation); test accuracy "
-          f"{test_acc:.4f}{tta_note}; weights {weights_path}")
+    if main_process:
+        atomic_save({"model": args.model, "dataset": args.dataset, "classes": data["classes"],
+                     "mean": mean.tolist(), "std": std.tolist(),
+                     "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                     "test_accuracy": test_acc, "tta": args.tta,
+                     "test_accuracy_without_tta": test_acc_plain}, weights_path)
+        tta_note = f" with TTA {args.tta} ({test_acc_plain:.4f} without)" if args.tta else ""
+        processes = f" x {world} processes" if world > 1 else ""
+        print(f"done: {run_label(args)} on {args.dataset}, {args.epochs} epochs in "
+              f"{time.perf_counter() - started:.0f}s on {describe(device)}{processes} "
+              f"({timed_seconds:.1f}s of whitening, training steps and test evaluation); test "
+              f"accuracy {test_acc:.4f}{tta_note}; weights {weights_path}")
     return {"accuracy": test_acc, "accuracy_without_tta": test_acc_plain,
             "seconds": timed_seconds}
 
@@ -449,7 +493,8 @@ def train_runs(args):
     line = f"{args.runs} runs of {args.preset}: test accuracy {mean_std('accuracy', 4)}"
     if args.tta:
         line += f" with TTA {args.tta}, {mean_std('accuracy_without_tta', 4)} without"
-    print(f"{line}; {mean_std('seconds', 1)} s each")
+    if distributed.is_main():
+        print(f"{line}; {mean_std('seconds', 1)} s each")
     return results
 
 
@@ -459,6 +504,11 @@ def main(argv=None):
         train_runs(args)
     except (DataError, ValueError, FloatingPointError, OSError) as e:
         cli.fail(str(e))
+    except torch.distributed.DistError as e:     # another rank died, or the timeout passed
+        cli.fail(f"rank {os.environ.get('RANK')}: lost the other processes: "
+                 f"{str(e).splitlines()[0]}")
+    finally:
+        distributed.close()
 
 
 if __name__ == "__main__":

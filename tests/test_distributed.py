@@ -1,0 +1,175 @@
+"""Data-parallel training under torchrun, on this machine's CPU (gloo), with 2 processes."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import SRC, run_script, write_cifar10
+from data import load_cifar
+from model import build_model, predict_logits
+
+# --standalone: a rendezvous on a free local port, so tests never collide on one.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def torchrun(*args, timeout=600):
+    return subprocess.run([*TORCHRUN, os.path.join(SRC, "train.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def load_weights(run_dir):
+    return torch.load(os.path.join(run_dir, "weights.pt"), weights_only=True)
+
+
+def test_two_processes_write_one_set_of_logs_checkpoint_and_weights(tmp_path):
+    data = str(tmp_path / "data")
+    write_cifar10(data, per_file=40, n_test=31)      # 31: shares of 16 and 15 test images
+    out = tmp_path / "run"
+    result = torchrun("--epochs", "2", "--val-size", "21", "--batch-size", "32", "--lr", "0.01",
+                      "--device", "cpu", "--data-dir", data, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("done: ") == 1 and " on cpu x 2 processes " in result.stdout
+    assert result.stderr.count("epoch   2/2  train loss") == 1       # rank 0 alone prints
+    assert "179 train / 21 val images, 5 steps per epoch of 2 x 16 images" in result.stderr
+
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events.")) == [
+        "checkpoint.pt", "weights.pt"]
+    assert len(list(out.glob("events.*"))) == 1
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/accuracy")] == [1, 2]
+    # The reported test accuracy is that of the whole test set, not of rank 0's share.
+    weights = load_weights(out)
+    model = build_model("seed")
+    model.load_state_dict(weights["state_dict"])
+    test = load_cifar(data, "cifar10", download=False)
+    logits = predict_logits(model, test["test_x"], torch.tensor(weights["mean"]),
+                            torch.tensor(weights["std"]))
+    assert weights["test_accuracy"] == (logits.argmax(1) == test["test_y"]).sum().item() / 31
+
+
+def test_two_processes_train_the_weights_one_process_trains(tmp_path):
+    # fast94: BatchNorm (synchronised over the ranks), lookahead, the alternating flip,
+    # translations, and the whitening bias frozen after 3 of the 4 epochs.
+    data = str(tmp_path / "data")
+    write_cifar10(data, per_file=40, n_test=30)
+    args = ["--preset", "fast94", "--epochs", "4", "--batch-size", "64", "--device", "cpu",
+            "--data-dir", data]
+    one = run_script("train.py", *args, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*args, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    a, b = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:    # float32 sums in another order: ~1e-6 apart measured
+        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=1e-4,
+                                   atol=1e-5, msg=key)
+    assert a["test_accuracy"] == b["test_accuracy"]
+
+
+def child_with_rank(parent_pid, rank):
+    """The pid of the process torchrun started for `rank`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:          # gone meanwhile
+            continue
+        if ppid == parent_pid and f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def test_a_killed_rank_ends_the_job_and_the_run_resumes_under_torchrun(tmp_path):
+    data = str(tmp_path / "data")
+    write_cifar10(data, per_file=200, n_test=20)     # 31 steps per epoch: time to kill one
+    args = ["--epochs", "2", "--val-size", "20", "--batch-size", "32", "--device", "cpu",
+            "--data-dir", data]
+    straight = tmp_path / "straight"
+    assert torchrun(*args, "--out", straight).returncode == 0
+
+    run = tmp_path / "run"
+    job = subprocess.Popen([*TORCHRUN, os.path.join(SRC, "train.py"), *args, "--out", str(run),
+                            "--dist-timeout", "60"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (run / "checkpoint.pt").exists() and job.poll() is None:
+        time.sleep(0.01)
+    rank1 = child_with_rank(job.pid, 1)
+    assert rank1 is not None
+    os.kill(rank1, signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert time.monotonic() - killed < 60                # well inside --dist-timeout
+    assert "Signal 9 (SIGKILL) received" in stderr       # torchrun names the failed rank
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    assert not (run / "weights.pt").exists()
+
+    result = subprocess.run([*TORCHRUN, os.path.join(SRC, "train.py"), "--resume", str(run),
+                             "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count(f"resuming {run} after epoch 1") == 1
+    a, b = load_weights(straight)["state_dict"], load_weights(run)["state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_global_batch_that_does_not_split_is_one_line(cifar10_dir, tmp_path):
+    result = torchrun("--batch-size", "33", "--device", "cpu", "--data-dir", cifar10_dir,
+                      "--out", tmp_path / "run")
+    assert result.returncode != 0
+    assert result.stderr.count("error: --batch-size 33 (the global batch) does not split "
+                               "evenly over 2 processes\n") == 2          # one line per rank
+    assert 'train.py", line' not in result.stderr     # torchrun's own report follows them
+
+
+def test_global_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
+    # Each rank normalises its half of one batch; outputs, input gradients, running statistics
+    # and the (summed) affine gradients must equal BatchNorm2d's over the whole batch.
+    script = tmp_path / "check_bn.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {SRC!r})
+        import torch
+        import distributed
+        distributed.init(torch.device("cpu"), 60)
+        torch.manual_seed(0)
+        x = torch.randn(8, 5, 4, 3, dtype=torch.float64) * 3 + 1
+        grad = torch.randn_like(x)
+        ref = torch.nn.BatchNorm2d(5, momentum=0.3).double()
+        torch.nn.init.uniform_(ref.weight)
+        torch.nn.init.uniform_(ref.bias)
+        net = distributed.global_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(5)).double())
+        net.load_state_dict({{"0." + k: v for k, v in ref.state_dict().items()}})
+        net[0].momentum = 0.3
+        assert type(net[0]) is distributed.GlobalBatchNorm2d
+        mine = slice(4 * distributed.rank(), 4 * distributed.rank() + 4)
+        xr, xm = x.clone().requires_grad_(), x[mine].clone().requires_grad_()
+        ref(xr).backward(grad)
+        y = net(xm)
+        y.backward(grad[mine])
+        ref_y = torch.nn.functional.batch_norm(x, None, None, ref.weight, ref.bias, True)
+        checks = {{"output": (y, ref_y[mine]), "grad x": (xm.grad, xr.grad[mine]),
+                  "running mean": (net[0].running_mean, ref.running_mean),
+                  "running var": (net[0].running_var, ref.running_var),
+                  "grad weight": (distributed.all_reduce_sum(net[0].weight.grad),
+                                  ref.weight.grad),
+                  "grad bias": (distributed.all_reduce_sum(net[0].bias.grad), ref.bias.grad)}}
+        for name, (got, want) in checks.items():
+            error = (got.detach() - want.detach()).abs().max().item()
+            assert error < 1e-12, (name, error)
+        sys.stdout.write(f"rank {{distributed.rank()}} equal\\n")   # one write: lines stay whole
+        sys.stdout.flush()
+        distributed.close()
+    """))
+    result = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "rank 0 equal" in result.stdout and "rank 1 equal" in result.stdout
