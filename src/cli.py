@@ -13,5 +13,6 @@ def parser(description):
 
 
 def fail(message, code=2):
-    print(f"error: {message}", file=sys.stderr)
+    sys.stderr.write(f"error: {message}\n")   # one write: whole lines even from several ranks
+    sys.stderr.flush()
     sys.exit(code)

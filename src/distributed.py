@@ -40,6 +40,14 @@ def init(device, timeout_s):
     return device
 
 
+def lost_contact(error):
+    """Whether an exception is a collective that failed: another rank died, or did not answer
+    within the process group's timeout (gloo raises these as plain RuntimeErrors)."""
+    return world_size() > 1 and (isinstance(error, dist.DistError) or any(
+        marker in str(error) for marker in ("Timed out", "timed out", "Connection closed",
+                                            "Connection reset")))
+
+
 def close():
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -115,11 +123,14 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         if not (self.training and world_size() > 1):
             return super().forward(x)
+        # Statistics in float32 at least, even when autocast hands over bf16 activations.
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         dims = (0, 2, 3)
-        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
-        count = all_reduce_sum(count)                         # elements per channel, globally
-        mean = _SumOverRanks.apply(x.sum(dims)) / count
-        centred = x - mean.view(1, -1, 1, 1)
+        local_count = xs.new_full((1,), x.numel() // x.shape[1])     # values per channel
+        sums = _SumOverRanks.apply(torch.cat([xs.sum(dims), local_count]))   # one all-reduce
+        count = sums[-1].detach()
+        mean = sums[:-1] / count
+        centred = xs - mean.view(1, -1, 1, 1)
         var = _SumOverRanks.apply(centred.square().sum(dims)) / count
         if self.track_running_stats:
             with torch.no_grad():
@@ -127,12 +138,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
                 # momentum None: PyTorch's cumulative average over the batches seen
                 m = (self.momentum if self.momentum is not None
                      else 1 / self.num_batches_tracked.item())
-                self.running_mean.lerp_(mean, m)
-                self.running_var.lerp_(var * count / (count - 1), m)   # unbiased, as PyTorch
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                unbiased = var * count / (count - 1)                  # as PyTorch keeps it
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
         y = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
         if self.affine:
             y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-        return y
+        return y.to(x.dtype)
 
 
 def global_batchnorm(model):

@@ -504,8 +504,11 @@ def main(argv=None):
         train_runs(args)
     except (DataError, ValueError, FloatingPointError, OSError) as e:
         cli.fail(str(e))
-    except torch.distributed.DistError as e:     # another rank died, or the timeout passed
-        cli.fail(f"rank {os.environ.get('RANK')}: lost the other processes: "
+    except RuntimeError as e:
+        if not distributed.lost_contact(e):
+            raise
+        cli.fail(f"rank {distributed.rank()}: lost contact with the other processes (one "
+                 f"died, or did not answer within --dist-timeout {args.dist_timeout:g} s): "
                  f"{str(e).splitlines()[0]}")
     finally:
         distributed.close()

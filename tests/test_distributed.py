@@ -87,6 +87,17 @@ def child_with_rank(parent_pid, rank):
     return None
 
 
+def start_and_wait_for_a_checkpoint(args, run):
+    """A 2-process torchrun job, once it has written its first checkpoint, and rank 1's pid."""
+    job = subprocess.Popen([*TORCHRUN, os.path.join(SRC, "train.py"), *args, "--out", str(run)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (run / "checkpoint.pt").exists() and job.poll() is None:
+        time.sleep(0.01)
+    rank1 = child_with_rank(job.pid, 1)
+    assert rank1 is not None
+    return job, rank1
+
+
 def test_a_killed_rank_ends_the_job_and_the_run_resumes_under_torchrun(tmp_path):
     data = str(tmp_path / "data")
     write_cifar10(data, per_file=200, n_test=20)     # 31 steps per epoch: time to kill one
@@ -96,13 +107,7 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_under_torchrun(tmp_path)
     assert torchrun(*args, "--out", straight).returncode == 0
 
     run = tmp_path / "run"
-    job = subprocess.Popen([*TORCHRUN, os.path.join(SRC, "train.py"), *args, "--out", str(run),
-                            "--dist-timeout", "60"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (run / "checkpoint.pt").exists() and job.poll() is None:
-        time.sleep(0.01)
-    rank1 = child_with_rank(job.pid, 1)
-    assert rank1 is not None
+    job, rank1 = start_and_wait_for_a_checkpoint([*args, "--dist-timeout", "60"], run)
     os.kill(rank1, signal.SIGKILL)
     killed = time.monotonic()
     _, stderr = job.communicate(timeout=120)
@@ -125,8 +130,9 @@ def test_a_global_batch_that_does_not_split_is_one_line(cifar10_dir, tmp_path):
     result = torchrun("--batch-size", "33", "--device", "cpu", "--data-dir", cifar10_dir,
                       "--out", tmp_path / "run")
     assert result.returncode != 0
-    assert result.stderr.count("error: --batch-size 33 (the global batch) does not split "
-                               "evenly over 2 processes\n") == 2          # one line per rank
+    # Each rank that gets to say it says it on a line of its own (torchrun may stop one first).
+    assert ("error: --batch-size 33 (the global batch) does not split evenly over 2 processes"
+            in result.stderr.splitlines())
     assert 'train.py", line' not in result.stderr     # torchrun's own report follows them
 
 
@@ -173,3 +179,18 @@ def test_global_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert "rank 0 equal" in result.stdout and "rank 1 equal" in result.stdout
+
+
+def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout(tmp_path):
+    data = str(tmp_path / "data")
+    write_cifar10(data, per_file=200, n_test=20)
+    job, rank1 = start_and_wait_for_a_checkpoint(
+        ["--epochs", "3", "--val-size", "20", "--batch-size", "32", "--device", "cpu",
+         "--data-dir", data, "--dist-timeout", "5"], tmp_path / "run")
+    os.kill(rank1, signal.SIGSTOP)                 # alive, but never answers again
+    _, stderr = job.communicate(timeout=120)       # torchrun: 30 s for SIGTERM, then SIGKILL
+    assert job.returncode != 0
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert lines[0].startswith("error: rank 0: lost contact with the other processes (one died, "
+                               "or did not answer within --dist-timeout 5 s): ")
+    assert 'train.py", line' not in stderr
