@@ -15,6 +15,7 @@ import cli
 from data import DataError, load_cifar, load_torch_file
 from device import describe, pick_device
 from model import MODELS, TTA_LEVELS, build_model, predict_logits
+from pretrained import BACKBONES, PretrainedError, load_backbone
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
                                "weights", "seed_cifar10.pt")
@@ -47,9 +48,15 @@ def tta_level(flag, weights):
 def load_weights(path):
     """(model in eval mode on the CPU, weights dict) from a weights file written by train.py."""
     weights = load_torch_file(path, "weights file", WEIGHTS_KEYS)
-    if weights["model"] not in MODELS:
+    if weights.get("pretrained"):        # a fine-tuned backbone: its architecture, no download
+        if weights["model"] not in BACKBONES:
+            raise DataError(f"{path} holds unknown backbone {weights['model']!r}")
+        model = load_backbone(weights["model"], len(weights["classes"]),
+                              image_size=weights["image_size"], imagenet=False)
+    elif weights["model"] not in MODELS:
         raise DataError(f"{path} holds unknown model {weights['model']!r}")
-    model = build_model(weights["model"], len(weights["classes"]))
+    else:
+        model = build_model(weights["model"], len(weights["classes"]))
     try:
         model.load_state_dict(weights["state_dict"])
     except RuntimeError as e:
@@ -138,7 +145,7 @@ def main(argv=None):
                 print(json.dumps(report))
             else:
                 print_report(report, weights["classes"])
-    except (DataError, ValueError, OSError) as e:
+    except (DataError, ValueError, OSError, PretrainedError) as e:
         cli.fail(str(e))
 
 

@@ -24,6 +24,7 @@ from data import (DATASETS, DataError, augment, channel_stats, load_cifar, load_
                   normalize, one_hot, stratified_split)
 from device import describe, optimize_for_device, pick_device
 from model import MODELS, TTA_LEVELS, build_model, predict_logits
+from pretrained import BACKBONES, PretrainedError, classifier, load_backbone
 
 # Hyperparameters per preset, in one place. Flags given on the command line override them.
 # "decoupled": lr and weight decay are given per 1024 examples as airbench does, so that they
@@ -42,6 +43,8 @@ PRESETS = {
         "warmup": 0.15,          # fraction of all steps spent ramping the LR up; the rest decays
         "lr_start": 0.1,         # LR at the first step and at the last, as fractions of the peak
         "lr_end": 0.001,
+        "decay": "linear",       # the shape of the decay after the warm-up: linear or cosine
+        "backbone_lr_scale": 1.0,  # --pretrained: the backbone's LR as a fraction of the head's
         "crop_pad": 4,           # random crops from a 4-pixel zero-padded image, plus flips
         "pad_mode": "constant",
         "flip": "random",
@@ -67,6 +70,8 @@ PRESETS = {
         "warmup": 0.23,
         "lr_start": 0.2,
         "lr_end": 0.07,
+        "decay": "linear",
+        "backbone_lr_scale": 1.0,
         "crop_pad": 2,           # translations of up to 2 pixels, reflect-padded
         "pad_mode": "reflect",
         "flip": "alternating",   # each image mirrored in every other epoch
@@ -83,6 +88,18 @@ PRESETS = {
 PRESETS["fast95"] = {**PRESETS["fast94"], "model": "fast95", "epochs": 15, "lr": 10.0}
 PRESETS["fast96"] = {**PRESETS["fast94"], "model": "fast96", "epochs": 40, "lr": 9.0,
                      "cutout": 12, "crop_pad": 4}
+# ResNet-18 for CIFAR-100 (the usual 200-epoch recipe: SGD 0.1, weight decay 5e-4, cosine
+# decay) with an 8-pixel cutout (DeVries & Taylor's size for CIFAR-100), on all 50,000 images.
+PRESETS["resnet18"] = {**PRESETS["seed"], "model": "resnet18", "epochs": 200, "lr": 0.1,
+                       "label_smoothing": 0.0, "warmup": 0.01, "lr_end": 0.0,
+                       "decay": "cosine", "cutout": 8, "val_size": 0}
+# Fine-tuning an ImageNet backbone (--pretrained): a short warm-up, the new head at the full
+# LR and the pretrained layers at a fifth of it, cosine decay, label smoothing, translations
+# and flips. The backbone's own BatchNorm statistics adapt with the default momentum.
+PRESETS["finetune"] = {**PRESETS["seed"], "model": "efficientnet_lite0", "epochs": 10,
+                       "batch_size": 128, "lr": 0.05, "weight_decay": 5e-5, "warmup": 0.05,
+                       "lr_start": 0.1, "lr_end": 0.0, "decay": "cosine",
+                       "backbone_lr_scale": 0.2, "tta": 1}
 
 LOOKAHEAD_EVERY = 5          # steps between lookahead pulls (airbench)
 MUON_MOMENTUM = 0.6          # --optimizer muon: airbench94_muon's momentum for the conv filters
@@ -95,6 +112,14 @@ def get_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="hyperparameters and network (default: that of --model, else seed)")
     p.add_argument("--model", choices=sorted(MODELS), help="default: the preset's")
+    p.add_argument("--pretrained", choices=sorted(BACKBONES),
+                   help="fine-tune this ImageNet backbone (preset finetune unless --preset)")
+    p.add_argument("--image-size", type=int,
+                   help="--pretrained: resolution the 32x32 images are resized to (default: "
+                        "the backbone's, 224; 260 for efficientnet_lite2)")
+    p.add_argument("--conv", default="hand", choices=("hand", "native"),
+                   help="hand: every convolution is the hand-written one; native: nn.Conv2d "
+                        "(for comparison)")
     p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
     p.add_argument("--epochs", type=int, help="default: the preset's (25 for seed)")
     p.add_argument("--batch-size", type=int)
@@ -124,6 +149,11 @@ def get_args(argv=None):
                    help="under torchrun: seconds a rank waits for the others before the whole "
                         "job fails")
     args = p.parse_args(argv)
+    if args.pretrained:
+        args.model = args.pretrained
+        args.preset = args.preset or "finetune"
+    elif args.image_size is not None:
+        p.error("--image-size goes with --pretrained")
     if args.preset is None:
         args.preset = args.model if args.model in PRESETS else "seed"
     for key, value in PRESETS[args.preset].items():
@@ -174,9 +204,11 @@ def evaluate(model, images, labels, mean, std, tta=0):
     return loss_sum / len(images), correct / len(images)
 
 
-def optimizer_groups(params, args):
+def optimizer_groups(params, args, head=()):
     """SGD parameter groups from (module, parameter) pairs: BatchNorm shifts at `bias_lr_scale`
-    times the LR (with the same decay per step), everything else at the LR.
+    times the LR (with the same decay per step), everything else at the LR. With `head` (the
+    new classifier of a pretrained backbone), the head trains at the LR and everything else at
+    `backbone_lr_scale` times it.
 
     With `decoupled` (airbench), lr and weight decay are per 1024 examples and divided by
     1 + 1/(1 - momentum), as airbench does (1/(1 - momentum) is how much momentum amplifies a
@@ -186,11 +218,18 @@ def optimizer_groups(params, args):
     if args.decoupled:
         scale = args.batch_size / 1024 / (1 + 1 / (1 - args.momentum))
         lr, wd = args.lr * scale, args.weight_decay / args.lr
-    shifts = [p for module, p in params if isinstance(module, torch.nn.BatchNorm2d)]
-    others = [p for module, p in params if not isinstance(module, torch.nn.BatchNorm2d)]
-    return [{"params": others, "lr": lr, "weight_decay": wd},
-            {"params": shifts, "lr": lr * args.bias_lr_scale,
-             "weight_decay": wd / args.bias_lr_scale}]
+    head_ids = {id(p) for p in head}
+    body = [(m, p) for m, p in params if id(p) not in head_ids]
+    shifts = [p for module, p in body if isinstance(module, torch.nn.BatchNorm2d)]
+    others = [p for module, p in body if not isinstance(module, torch.nn.BatchNorm2d)]
+    scale = args.backbone_lr_scale if head_ids else 1.0
+    groups = [{"params": others, "lr": lr * scale, "weight_decay": wd},
+              {"params": shifts, "lr": lr * scale * args.bias_lr_scale,
+               "weight_decay": wd / args.bias_lr_scale}]
+    if head_ids:
+        groups.append({"params": [p for _, p in params if id(p) in head_ids], "lr": lr,
+                       "weight_decay": wd})
+    return groups
 
 
 def make_optimizers(model, args):
@@ -208,7 +247,9 @@ def make_optimizers(model, args):
         muon_pairs = [(p, torch.nn.Parameter(p.detach().view(p.shape[0], -1)))
                       for _, p in params if p.ndim == 4]
         params = [(module, p) for module, p in params if p.ndim != 4]
-    optimizers = [torch.optim.SGD(optimizer_groups(params, args), momentum=args.momentum,
+    # A pretrained backbone's new classifier trains at the full LR, the rest slower.
+    head = list(classifier(model.net).parameters()) if args.pretrained else []
+    optimizers = [torch.optim.SGD(optimizer_groups(params, args, head), momentum=args.momentum,
                                   nesterov=True)]
     if muon_pairs:
         optimizers.append(torch.optim.Muon([m for _, m in muon_pairs], lr=args.muon_lr,
@@ -235,12 +276,16 @@ def stopwatch(device):
 
 
 def lr_factor(step, total, args):
-    """Piecewise-linear LR schedule, as a fraction of the peak: lr_start -> 1 over the warm-up
-    fraction of the steps, then 1 -> lr_end at the last step."""
+    """The LR schedule, as a fraction of the peak: lr_start -> 1 linearly over the warm-up
+    fraction of the steps, then 1 -> lr_end at the last step, linearly or along a half cosine
+    (args.decay)."""
     warmup = max(1, int(total * args.warmup))
     if step < warmup:
         return args.lr_start + (1 - args.lr_start) * step / warmup
-    return 1 + (args.lr_end - 1) * (step - warmup) / max(1, total - 1 - warmup)
+    progress = (step - warmup) / max(1, total - 1 - warmup)
+    if args.decay == "cosine":
+        return args.lr_end + (1 - args.lr_end) * (1 + math.cos(math.pi * progress)) / 2
+    return 1 + (args.lr_end - 1) * progress
 
 
 def lookahead_state(model):
@@ -296,6 +341,8 @@ def train(args):
     else:
         train_idx, val_idx = torch.arange(len(data["train_y"])), torch.arange(0)
     mean, std = channel_stats(data["train_x"][train_idx])
+    if args.pretrained:     # the backbone sees inputs normalised as in its ImageNet training
+        mean, std = (torch.tensor(BACKBONES[args.pretrained][k]) for k in ("mean", "std"))
     # The whole split as one tensor on the device; batches are gathered by index from it.
     train_x, train_y = data["train_x"][train_idx].to(device), data["train_y"][train_idx].to(device)
     val_x, val_y = data["train_x"][val_idx].to(device), data["train_y"][val_idx].to(device)
@@ -310,7 +357,12 @@ def train(args):
         bit_gen = torch.Generator().manual_seed(args.seed + 1)
         flip_bits = (torch.rand(len(train_x), generator=bit_gen) < 0.5).to(device)
 
-    model = build_model(args.model, num_classes).to(device)
+    if args.pretrained:     # ImageNet weights (a resumed run loads its own over them)
+        model = load_backbone(args.pretrained, num_classes, args.conv, args.image_size,
+                              imagenet=resume_ckpt is None).to(device)
+        args.image_size = model.image_size
+    else:
+        model = build_model(args.model, num_classes, args.conv).to(device)
     if world > 1:
         distributed.global_batchnorm(model)   # BatchNorm statistics of the whole global batch
         torch.manual_seed(args.seed + distributed.rank())   # each rank its own dropout masks
@@ -467,7 +519,9 @@ def train(args):
                      "mean": mean.tolist(), "std": std.tolist(),
                      "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                      "test_accuracy": test_acc, "tta": args.tta,
-                     "test_accuracy_without_tta": test_acc_plain}, weights_path)
+                     "test_accuracy_without_tta": test_acc_plain,
+                     "pretrained": bool(args.pretrained), "image_size": args.image_size},
+                    weights_path)
         tta_note = f" with TTA {args.tta} ({test_acc_plain:.4f} without)" if args.tta else ""
         processes = f" x {world} processes" if world > 1 else ""
         print(f"done: {run_label(args)} on {args.dataset}, {args.epochs} epochs in "
@@ -502,7 +556,7 @@ def main(argv=None):
     args = get_args(argv)
     try:
         train_runs(args)
-    except (DataError, ValueError, FloatingPointError, OSError) as e:
+    except (DataError, ValueError, FloatingPointError, OSError, PretrainedError) as e:
         cli.fail(str(e))
     except RuntimeError as e:
         if not distributed.lost_contact(e):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (MODELS, Conv2d, SeedNet, _images_per_chunk, build_model,
+from model import (MODELS, Conv2d, SeedNet, _images_per_chunk, build_model, conv2d_unfold,
                    conv2d_unfold_autograd, dirac_conv, predict_logits, tta_logits,
                    whitening_filters)
 
@@ -85,6 +85,35 @@ def test_conv_matches_on_seed_shapes(dtype):
                    h=size, w=size, bias=True)
         errors = compare(cfg, dtype)
         assert max(errors.values()) < TOL[dtype], (cin, cout, errors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kernel,stride,pads,dilation,bias", [
+    (3, 1, (1, 1, 1, 1), 1, False),        # EfficientNet's stride-1 depthwise conv
+    (3, 2, (0, 1, 0, 1), 1, False),        # TensorFlow 'SAME' at stride 2: odd pixel right
+    (5, 2, (1, 2, 1, 2), 1, True),
+    ((3, 2), (2, 1), (2, 0, 1, 3), (1, 2), True),
+    (3, 1, (0, 0, 0, 0), 2, True),
+])
+def test_depthwise_conv_matches_nn_conv2d(kernel, stride, pads, dilation, bias, dtype):
+    """groups = channels in = channels out runs the elementwise-taps formulation."""
+    torch.manual_seed(5)
+    c = 6
+    ref = nn.Conv2d(c, c, kernel, stride, 0, dilation, groups=c, bias=bias).to(dtype)
+    x_ref = torch.randn(3, c, 11, 9, dtype=dtype, requires_grad=True)
+    x_hand = x_ref.detach().clone().requires_grad_()
+    weight = ref.weight.detach().clone().requires_grad_()
+    b = ref.bias.detach().clone().requires_grad_() if bias else None
+    y_ref = ref(F.pad(x_ref, pads))
+    y_hand = conv2d_unfold(x_hand, weight, b, stride, pads, dilation, groups=c)
+    grad = torch.randn_like(y_ref)
+    y_ref.backward(grad)
+    y_hand.backward(grad)
+    errors = {"output": rel_err(y_hand, y_ref), "grad_input": rel_err(x_hand.grad, x_ref.grad),
+              "grad_weight": rel_err(weight.grad, ref.weight.grad)}
+    if bias:
+        errors["grad_bias"] = rel_err(b.grad, ref.bias.grad)
+    assert max(errors.values()) < TOL[dtype], errors
 
 
 def test_torchscript_runs_the_traced_variant_with_the_same_result():
@@ -255,7 +284,8 @@ def test_dirac_conv_passes_its_input_through_in_the_first_channels():
     assert torch.equal(layer(x)[:, :4], x) and layer.bias is None
 
 
-@pytest.mark.parametrize("name, convs", [("fast94", 7), ("fast95", 7), ("fast96", 10)])
+@pytest.mark.parametrize("name, convs", [("fast94", 7), ("fast95", 7), ("fast96", 10),
+                                         ("resnet18", 20)])   # 17 3x3, 3 strided 1x1
 def test_fast_nets_hand_and_native_are_the_same_function(name, convs):
     torch.manual_seed(0)
     hand = build_model(name, 10).double().eval()

@@ -1,4 +1,5 @@
 """Training end to end on tiny synthetic CIFAR files: logs, checkpoints, weights, resume."""
+import json
 import os
 import signal
 import subprocess
@@ -138,6 +139,26 @@ def test_cifar100_trains_end_to_end(cifar100_dir, tmp_path):
     weights = torch.load(out / "weights.pt", weights_only=True)
     assert len(weights["classes"]) == 100 and weights["classes"][0] == "class_00"
     assert weights["state_dict"]["fc3.weight"].shape == (100, 256)
+
+
+@pytest.mark.parametrize("preset, head", [("resnet18", "fc.weight"),
+                                          ("fast96", "head.weight")])
+def test_cifar100_presets_train_and_report_per_class(preset, head, cifar100_dir, tmp_path):
+    """The CIFAR-100 presets (ResNet-18 with cutout; the residual fast96), 100-way heads, and
+    inference's report under the meta file's class names."""
+    out = tmp_path / "run100"
+    result = run_script("train.py", "--preset", preset, "--dataset", "cifar100", "--epochs", "1",
+                        "--batch-size", "100", "--device", "cpu", "--data-dir", cifar100_dir,
+                        "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"done: {preset} on cifar100, 1 epochs")
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    assert weights["state_dict"][head].shape[0] == 100
+    report = run_script("inference.py", "--weights", out / "weights.pt", "--data-dir",
+                        cifar100_dir, "--device", "cpu", "--json")
+    assert report.returncode == 0, report.stderr
+    per_class = json.loads(report.stdout)["per_class"]
+    assert list(per_class) == [f"class_{i:02d}" for i in range(100)]
 
 
 def test_foreign_checkpoint_is_one_line(tmp_path):
