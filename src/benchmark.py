@@ -10,7 +10,9 @@ compiled. The first call of a compiled variant is reported on its own as its com
 --conv: every conv layer shape of every network in model.py at its training batch size, timed
 forward (inference) and forward+backward (a training step) with the hand-written conv and with
 the native one on the same inputs, alternating the two; then one training epoch of each whole
-network with either conv. CPU runs float32; CUDA runs bf16 autocast with channels_last, as
+network with either conv. `--models` also takes the pretrained backbones (pretrained.py, at
+--image-size; their TensorFlow 'SAME' convs are timed with the symmetric padding that gives
+the same output size). CPU runs float32; CUDA runs bf16 autocast with channels_last, as
 training does there. Every number is a median of --repeats after --warmup calls; every ratio is
 hand / native from the same run.
 """
@@ -32,6 +34,7 @@ from tqdm import tqdm
 import cli
 from device import describe, pick_device
 from model import MODELS, Conv2d, build_model, conv2d_unfold_autograd
+from pretrained import BACKBONES, load_backbone
 from train import PRESETS
 
 
@@ -173,14 +176,28 @@ def timing_study(args, device):
 # ----------------------------------------------------------------------------------------------
 # Hand-written conv vs native conv
 
-def conv_layers(model_name, batch_size):
+def network(name, conv, image_size=None):
+    """A network of model.py, or a pretrained backbone's architecture (no weights needed)."""
+    if name in BACKBONES:
+        return load_backbone(name, 10, conv, image_size, imagenet=False)
+    return build_model(name, 10, conv=conv)
+
+
+def default_batch_size(name):
+    return PRESETS["finetune" if name in BACKBONES else name]["batch_size"]
+
+
+def conv_layers(model_name, batch_size, image_size=None):
     """[(model name, layer name, conv kwargs, input shape, is_first)] seen in one forward."""
-    model = build_model(model_name, 10, conv="native")
+    model = network(model_name, "native", image_size)
     layers = []
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Conv2d):
+            padding = m.padding
+            if type(m).__name__ == "Conv2dSame":     # timm pads at run time, TF style
+                padding = tuple((k - 1) * d // 2 for k, d in zip(m.kernel_size, m.dilation))
             kwargs = dict(in_channels=m.in_channels, out_channels=m.out_channels,
-                          kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                          kernel_size=m.kernel_size, stride=m.stride, padding=padding,
                           dilation=m.dilation, groups=m.groups, bias=m.bias is not None)
             m.register_forward_hook(lambda mod, inp, out, name=name, kwargs=kwargs: layers.append(
                 (model_name, name, kwargs, tuple(inp[0].shape), not inp[0].requires_grad)))
@@ -324,8 +341,9 @@ def conv_benchmark(args, device):
     names = sorted(MODELS) if args.models == "all" else args.models.split(",")
     rows, seen = [], set()
     for name in names:
-        batch = args.batch_size or PRESETS[name]["batch_size"]
-        for model_name, layer, kwargs, in_shape, first in conv_layers(name, batch):
+        batch = args.batch_size or default_batch_size(name)
+        for model_name, layer, kwargs, in_shape, first in conv_layers(name, batch,
+                                                                      args.image_size):
             key = (repr(kwargs), in_shape, first)
             if key not in seen:
                 seen.add(key)
@@ -358,11 +376,11 @@ def conv_benchmark(args, device):
         print("|---|---:|---:|---:|")
         images, labels = random_epoch(args.epoch_images, device)
         for name in names:
-            batch = args.batch_size or PRESETS[name]["batch_size"]
+            batch = args.batch_size or default_batch_size(name)
             seconds = {}
             for conv in ("hand", "native"):
                 torch.manual_seed(0)
-                net = build_model(name, 10, conv=conv).to(device)
+                net = network(name, conv, args.image_size).to(device)
                 seconds[conv], _ = train_epoch_seconds(net, images, labels, batch, device)
             print(f"| {name} (batch {batch}) | {seconds['hand']:.1f} | {seconds['native']:.1f} | "
                   f"{seconds['hand'] / seconds['native']:.2f} |", flush=True)
@@ -386,7 +404,11 @@ def main(argv=None):
                    help=f"timing study: comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--skip-epoch", action="store_true",
                    help="timing study: time only the forward pass")
-    p.add_argument("--models", default="all", help="--conv: comma-separated models, or all")
+    p.add_argument("--models", default="all",
+                   help="--conv: comma-separated models (or pretrained backbones), or all "
+                        "(every model of model.py)")
+    p.add_argument("--image-size", type=int,
+                   help="--conv, pretrained backbones: input resolution (default: theirs)")
     p.add_argument("--peak-of", help=argparse.SUPPRESS)   # internal: cpu_peak_bytes' child
     p.add_argument("--hand-variant", default="function", choices=sorted(HAND_VARIANTS),
                    help="--conv: which formulation of the hand-written conv to time per layer")
@@ -394,8 +416,9 @@ def main(argv=None):
     unknown = set(args.variants.split(",")) - set(VARIANTS) - {""}
     if unknown:
         p.error(f"unknown variants: {', '.join(sorted(unknown))}")
-    if args.models != "all" and set(args.models.split(",")) - set(MODELS):
-        p.error(f"unknown models: {args.models}; choose from {', '.join(sorted(MODELS))}")
+    if args.models != "all" and set(args.models.split(",")) - set(MODELS) - set(BACKBONES):
+        p.error(f"unknown models: {args.models}; choose from "
+                f"{', '.join(sorted(MODELS) + sorted(BACKBONES))}")
     if args.peak_of:
         return print_cpu_peaks(args.peak_of)
     try:

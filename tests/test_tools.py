@@ -1,7 +1,9 @@
 """benchmark.py and plot.py, run for real on small inputs."""
+import torch
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
+from benchmark import conv_layers, fmt_shape, network, random_epoch, train_epoch_seconds
 from conftest import run_script
 
 
@@ -36,6 +38,23 @@ def test_conv_benchmark_times_every_layer_shape_and_ends_with_the_geomeans():
     assert lines[-2].startswith("geomean inference ratio (hand/native): ")
     assert lines[-1].startswith("geomean train-step ratio (hand/native): ")
     assert float(lines[-1].split()[-1]) > 0
+
+
+def test_conv_benchmark_finds_a_pretrained_backbones_depthwise_and_strided_convs():
+    # In process: a timed run over its ~40 shapes measures each one's memory in a child
+    # process, minutes on this CPU.
+    layers = conv_layers("efficientnet_lite0", 2, image_size=32)
+    shapes = [fmt_shape(kwargs, in_shape) for _, _, kwargs, in_shape, _ in layers]
+    assert shapes[0] == "2x3x32x32 -> 32, 3x3 s2"                 # the TF 'SAME' stem
+    assert layers[0][2]["padding"] == (1, 1)                      # same output size as TF's
+    assert shapes[1] == "2x32x16x16 -> 32, 3x3 g32"               # a depthwise conv
+    assert any(" 5x5 s2 g" in shape for shape in shapes)
+    assert len(layers) == sum(isinstance(m, torch.nn.Conv2d) for m in
+                              network("efficientnet_lite0", "native", 32).modules())
+    seconds, _ = train_epoch_seconds(network("efficientnet_lite0", "hand", 32),
+                                     *random_epoch(4, torch.device("cpu")), 2,
+                                     torch.device("cpu"))
+    assert seconds > 0
 
 
 def test_benchmark_rejects_unknown_variant():
