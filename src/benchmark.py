@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import cli
 from device import describe, pick_device
-from model import MODELS, Conv2d, build_model, conv2d_unfold_autograd
+from model import MODELS, Conv2d, _UnfoldMatmulConv, build_model, conv2d_unfold_autograd
 from pretrained import BACKBONES, load_backbone
 from train import PRESETS
 
@@ -267,6 +267,9 @@ HAND_VARIANTS = {
     "function": lambda conv: conv,
     # The naive baseline, kept for comparison: F.unfold + matmul, autograd derives the backward.
     "unfold-autograd": lambda conv: lambda x: conv2d_unfold_autograd(
+        x, conv.weight, conv.bias, conv.stride, conv.pads, conv.dilation, conv.groups),
+    # im2col + matmul for every shape, depthwise convs included (which Conv2d runs as taps).
+    "matmul-only": lambda conv: lambda x: _UnfoldMatmulConv.apply(
         x, conv.weight, conv.bias, conv.stride, conv.pads, conv.dilation, conv.groups),
 }
 

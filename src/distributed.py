@@ -4,8 +4,8 @@
 LOCAL_RANK and WORLD_SIZE in their environment; without them every function here is the
 single-process no-op, so train.py has one loop for both. Each process holds the whole dataset,
 draws the same permutation and the same augmentation of each global batch (same seed), and
-trains on its own contiguous slice of it; DistributedDataParallel averages the gradients, so N
-processes take the steps one process would take with the same --batch-size.
+trains on its share of it (every N-th image); DistributedDataParallel averages the gradients,
+so N processes take the steps one process would take with the same --batch-size.
 """
 import datetime
 import os
@@ -149,7 +149,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
 def global_batchnorm(model):
     """Replace every BatchNorm2d of `model` (in place) by a GlobalBatchNorm2d sharing its
-    parameters and buffers: same state-dict keys, same optimiser parameters."""
+    parameters and buffers: same state-dict keys, same optimiser parameters. Returns the names
+    of the BatchNorm subclasses left alone (timm's BatchNormAct2d adds an activation to its
+    forward): those keep each process's own batch statistics."""
+    others = sorted({type(m).__name__ for m in model.modules()
+                     if isinstance(m, nn.BatchNorm2d) and type(m) is not nn.BatchNorm2d})
     for name, module in list(model.named_modules()):
         if type(module) is nn.BatchNorm2d:
             synced = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum,
@@ -159,5 +163,5 @@ def global_batchnorm(model):
             synced.train(module.training)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, synced)
-    return model
+    return others
 

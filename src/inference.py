@@ -29,6 +29,8 @@ def get_args(argv=None):
     p.add_argument("--data-dir", default="data", help="where the dataset is (test-set report)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--conv", default="hand", choices=("hand", "native"),
+                   help="run the network with the hand-written conv or nn.Conv2d (same weights)")
     p.add_argument("--tta", nargs="?", const="auto", default="0", metavar="LEVEL",
                    choices=["auto", *map(str, TTA_LEVELS)],
                    help="test-time augmentation: " + ", ".join(
@@ -45,18 +47,18 @@ def tta_level(flag, weights):
     return int(flag)
 
 
-def load_weights(path):
+def load_weights(path, conv="hand"):
     """(model in eval mode on the CPU, weights dict) from a weights file written by train.py."""
     weights = load_torch_file(path, "weights file", WEIGHTS_KEYS)
     if weights.get("pretrained"):        # a fine-tuned backbone: its architecture, no download
         if weights["model"] not in BACKBONES:
             raise DataError(f"{path} holds unknown backbone {weights['model']!r}")
-        model = load_backbone(weights["model"], len(weights["classes"]),
+        model = load_backbone(weights["model"], len(weights["classes"]), conv,
                               image_size=weights["image_size"], imagenet=False)
     elif weights["model"] not in MODELS:
         raise DataError(f"{path} holds unknown model {weights['model']!r}")
     else:
-        model = build_model(weights["model"], len(weights["classes"]))
+        model = build_model(weights["model"], len(weights["classes"]), conv)
     try:
         model.load_state_dict(weights["state_dict"])
     except RuntimeError as e:
@@ -121,7 +123,7 @@ def main(argv=None):
     try:
         # Every input is checked before anything is printed.
         device = pick_device(args.device, verbose=False)
-        model, weights = load_weights(args.weights)
+        model, weights = load_weights(args.weights, args.conv)
         tta = tta_level(args.tta, weights)
         if args.images:
             images = torch.stack([read_image(p) for p in args.images])

@@ -363,8 +363,9 @@ def train(args):
         args.image_size = model.image_size
     else:
         model = build_model(args.model, num_classes, args.conv).to(device)
-    if world > 1:
-        distributed.global_batchnorm(model)   # BatchNorm statistics of the whole global batch
+    if world > 1:   # BatchNorm statistics of the whole global batch
+        for kind in distributed.global_batchnorm(model):
+            log(f"note: {kind} layers keep per-process batch statistics under torchrun")
         torch.manual_seed(args.seed + distributed.rank())   # each rank its own dropout masks
     # On CUDA the hand-written conv runs in bf16 under autocast; its outputs are channels-last
     # already (the im2col matmul writes (N, H, W, C) rows), so BatchNorm, GELU and pooling run

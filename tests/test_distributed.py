@@ -152,7 +152,8 @@ def test_global_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
         ref = torch.nn.BatchNorm2d(5, momentum=0.3).double()
         torch.nn.init.uniform_(ref.weight)
         torch.nn.init.uniform_(ref.bias)
-        net = distributed.global_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(5)).double())
+        net = torch.nn.Sequential(torch.nn.BatchNorm2d(5)).double()
+        assert distributed.global_batchnorm(net) == []
         net.load_state_dict({{"0." + k: v for k, v in ref.state_dict().items()}})
         net[0].momentum = 0.3
         assert type(net[0]) is distributed.GlobalBatchNorm2d

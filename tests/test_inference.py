@@ -189,3 +189,12 @@ def test_tta_on_image_files_averages_the_augmented_views(trained_fast94, tmp_pat
     top = json.loads(result.stdout)[0]["top"][0]
     assert top["class"] == CIFAR10_CLASSES[expected.argmax()]
     assert top["prob"] == pytest.approx(expected.max().item(), abs=1e-6)
+
+
+def test_native_conv_gives_the_hand_written_convs_report(trained_fast94):
+    weights, data = trained_fast94
+    reports = [run_script("inference.py", "--weights", weights, "--data-dir", data, "--json",
+                          "--device", "cpu", "--conv", conv) for conv in ("hand", "native")]
+    assert all(r.returncode == 0 for r in reports), [r.stderr for r in reports]
+    hand, native = (json.loads(r.stdout) for r in reports)
+    assert hand["confusion"] == native["confusion"]      # every prediction the same
