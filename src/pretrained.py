@@ -39,6 +39,7 @@ BACKBONES.update({name: {"torchvision": name, "weights": f"{weights}.IMAGENET1K_
                          "image_size": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
                   for name, weights in TORCHVISION_WEIGHTS.items()})
 
+
 class PretrainedError(Exception):
     """A backbone that cannot be had: package missing, no internet, weights that do not fit."""
 
@@ -131,11 +132,10 @@ def classifier(net):
 def replace_head(net, num_classes):
     """torchvision's nets: a fresh last Linear for `num_classes` outputs."""
     old = classifier(net)
-    for name, module in net.named_modules():
-        if module is old:
-            parent, _, child = name.rpartition(".")
-            setattr(net.get_submodule(parent) if parent else net, child,
-                    nn.Linear(old.in_features, num_classes))
+    name = next(name for name, module in net.named_modules() if module is old)
+    parent, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, child,
+            nn.Linear(old.in_features, num_classes))
     return net
 
 

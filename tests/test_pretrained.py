@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import run_script, write_cifar10
 from model import Conv2d
-from pretrained import (BACKBONES, Conv2dTFSame, PretrainedError, lite_state_dict,
+from pretrained import (BACKBONES, Conv2dTFSame, PretrainedError, classifier, lite_state_dict,
                         load_backbone, swap_convs, tf_same_pads)
 from train import get_args, lr_factor, make_optimizers
 
@@ -131,3 +131,23 @@ def test_image_size_without_a_pretrained_backbone_is_one_line():
     assert result.returncode == 2
     assert result.stderr == ("error: train.py: --image-size goes with --pretrained "
                              "(see --help)\n")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "convnext_tiny", "vit_b_16",
+                                  "efficientnet_b0"])
+def test_torchvision_backbones_get_a_new_head_and_hand_written_convs(name):
+    # The architectures only: their ImageNet weights need internet, which tests never have.
+    model = load_backbone(name, 7, imagenet=False, image_size=32)
+    assert model.image_size == 32 and classifier(model.net).out_features == 7
+    assert not any(type(m) is nn.Conv2d for m in model.modules())
+    assert any(isinstance(m, Conv2d) for m in model.modules())
+
+
+def test_a_torchvision_backbone_computes_the_same_function_with_either_conv():
+    torch.manual_seed(0)
+    native = load_backbone("resnet18", 7, conv="native", imagenet=False, image_size=48)
+    hand = load_backbone("resnet18", 7, imagenet=False, image_size=48)
+    hand.load_state_dict(native.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    native, hand = native.double().eval(), hand.double().eval()
+    assert ((hand(x) - native(x)).abs().max() / native(x).abs().max()).item() < 1e-10

@@ -89,10 +89,11 @@ def test_diverging_loss_stops_with_a_clear_message(cifar10_dir, tmp_path):
     (["--epochs", "0"], "error: train.py: --epochs, --batch-size and --runs must be at least "
                         "1, --val-size and --cutout at least 0 (see --help)"),
     (["--model", "vgg"], "error: train.py: argument --model: invalid choice: 'vgg' (choose from "
-                         "{0}fast94{0}, {0}fast95{0}, {0}fast96{0}, {0}seed{0}) (see --help)"),
+                         "{0}fast94{0}, {0}fast95{0}, {0}fast96{0}, {0}resnet18{0}, {0}seed{0}) "
+                         "(see --help)"),
     (["--preset", "fast99"], "error: train.py: argument --preset: invalid choice: 'fast99' "
-                             "(choose from {0}fast94{0}, {0}fast95{0}, {0}fast96{0}, {0}seed{0}) "
-                             "(see --help)"),
+                             "(choose from {0}fast94{0}, {0}fast95{0}, {0}fast96{0}, "
+                             "{0}finetune{0}, {0}resnet18{0}, {0}seed{0}) (see --help)"),
     (["--tta", "3"], "error: train.py: argument --tta: invalid choice: 3 (choose from 0, 1, 2) "
                      "(see --help)"),
     (["--resume", "x", "--runs", "2"], "error: train.py: --resume continues one run; it cannot "
