@@ -126,6 +126,17 @@ def _unfold_matmul(xp, w_t, bias, out_hw, kernel_size, stride, dilation, groups)
     return out
 
 
+def _output_hw(x_shape, kernel_size, stride, pads, dilation):
+    """(Ho, Wo) of a conv; a ValueError if the dilated kernel does not fit the padded input."""
+    (h, w), (kh, kw), (left, right, top, bottom) = x_shape[2:], kernel_size, pads
+    ho = (h + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"Conv2d: kernel {(kh, kw)} with dilation {tuple(dilation)} is "
+                         f"larger than the padded input {(h + top + bottom, w + left + right)}")
+    return ho, wo
+
+
 class _UnfoldMatmulConv(torch.autograd.Function):
     """y = im2col(x) @ W^T + b, with the backward written out rather than traced.
 
@@ -139,14 +150,8 @@ class _UnfoldMatmulConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, pads, dilation, groups):
-        n, c, h, w = x.shape
-        out_c, cg, kh, kw = weight.shape
-        left, right, top, bottom = pads
-        ho = (h + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        wo = (w + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        if ho < 1 or wo < 1:
-            raise ValueError(f"Conv2d: kernel {(kh, kw)} with dilation {tuple(dilation)} is "
-                             f"larger than the padded input {(h + top + bottom, w + left + right)}")
+        n, out_c, (kh, kw) = x.shape[0], weight.shape[0], weight.shape[2:]
+        ho, wo = _output_hw(x.shape, (kh, kw), stride, pads, dilation)
         xp = _pad_channels_last(x, pads)
         out = _unfold_matmul(xp, _weight_rows(weight, groups), bias, (ho, wo), (kh, kw), stride,
                              dilation, groups)
@@ -297,11 +302,8 @@ def _apply_conv(x, weight, bias, stride, pads, dilation, groups):
     """The formulation for this shape: elementwise taps for depthwise convs, im2col + matmul
     for everything else."""
     if groups == x.shape[1] == weight.shape[0] > 1:       # one filter per channel
-        (kh, kw), (left, right, top, bottom) = weight.shape[2:], pads
-        ho = (x.shape[2] + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        wo = (x.shape[3] + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        if ho >= 1 and wo >= 1:          # else the matmul path raises the clear error
-            return _DepthwiseConv.apply(x, weight, bias, stride, pads, dilation, (ho, wo))
+        out_hw = _output_hw(x.shape, weight.shape[2:], stride, pads, dilation)
+        return _DepthwiseConv.apply(x, weight, bias, stride, pads, dilation, out_hw)
     return _UnfoldMatmulConv.apply(x, weight, bias, stride, pads, dilation, groups)
 
 

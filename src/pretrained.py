@@ -133,10 +133,14 @@ def replace_head(net, num_classes):
     """torchvision's nets: a fresh last Linear for `num_classes` outputs."""
     old = classifier(net)
     name = next(name for name, module in net.named_modules() if module is old)
-    parent, _, child = name.rpartition(".")
-    setattr(net.get_submodule(parent) if parent else net, child,
-            nn.Linear(old.in_features, num_classes))
+    _replace(net, name, nn.Linear(old.in_features, num_classes))
     return net
+
+
+def _replace(net, name, module):
+    """Put `module` where the submodule called `name` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, child, module)
 
 
 def tf_same_pads(size, kernel_size, stride, dilation):
@@ -172,6 +176,5 @@ def swap_convs(model):
             bias=module.bias is not None, device=module.weight.device)
         hand.weight = module.weight
         hand.bias = module.bias
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, hand)
+        _replace(model, name, hand)
     return model
