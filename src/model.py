@@ -126,6 +126,17 @@ def _unfold_matmul(xp, w_t, bias, out_hw, kernel_size, stride, dilation, groups)
     return out
 
 
+def _tap_views(t, kernel_size, stride, dilation, out_hw):
+    """For each kernel tap (p, q): the (N, Ho, Wo, ...) view of the padded channels-last tensor
+    t (N, Hp, Wp, ...) that the tap multiplies (im2col's column block for that tap; adding
+    into these views is fold)."""
+    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel_size, stride, dilation, out_hw
+    for p in range(kh):
+        for q in range(kw):
+            yield p, q, t[:, p * dh:p * dh + (ho - 1) * sh + 1:sh,
+                          q * dw:q * dw + (wo - 1) * sw + 1:sw]
+
+
 def _output_hw(x_shape, kernel_size, stride, pads, dilation):
     """(Ho, Wo) of a conv; a ValueError if the dilated kernel does not fit the padded input."""
     (h, w), (kh, kw), (left, right, top, bottom) = x_shape[2:], kernel_size, pads
@@ -206,25 +217,11 @@ class _UnfoldMatmulConv(torch.autograd.Function):
             gxp = go.new_zeros((n, h + top + bottom, w + left + right, groups, cg))
             gcols = torch.bmm(go.transpose(0, 1), _weight_rows(weight, groups))  # (G, M, K)
             gcols = gcols.view(groups, n, ho, wo, kh, kw, cg)
-            for p in range(kh):
-                for q in range(kw):
-                    r0, c0 = p * dilation[0], q * dilation[1]
-                    gxp[:, r0:r0 + (ho - 1) * stride[0] + 1:stride[0],
-                        c0:c0 + (wo - 1) * stride[1] + 1:stride[1]] += \
-                        gcols[:, :, :, :, p, q].permute(1, 2, 3, 0, 4)
+            for p, q, view in _tap_views(gxp, (kh, kw), stride, dilation, (ho, wo)):
+                view += gcols[:, :, :, :, p, q].permute(1, 2, 3, 0, 4)
             gxp = gxp.view(n, h + top + bottom, w + left + right, c)
             grad_x = gxp[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
         return grad_x, grad_w, grad_b, None, None, None, None
-
-
-def _tap_views(t, kernel_size, stride, dilation, out_hw):
-    """For each kernel tap (p, q): the (N, Ho, Wo, C) view of the padded channels-last tensor
-    t (N, Hp, Wp, C) that the tap multiplies."""
-    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel_size, stride, dilation, out_hw
-    for p in range(kh):
-        for q in range(kw):
-            yield p, q, t[:, p * dh:p * dh + (ho - 1) * sh + 1:sh,
-                          q * dw:q * dw + (wo - 1) * sw + 1:sw]
 
 
 class _DepthwiseConv(torch.autograd.Function):
