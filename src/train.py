@@ -403,7 +403,10 @@ def train(args):
         wrapped = distributed.wrap(model, device)
         return torch.compile(wrapped) if args.compile else wrapped
 
-    step_model, trains = step_model_for(model), [p.requires_grad for p in model.parameters()]
+    def trainable():
+        return [p.requires_grad for p in model.parameters()]
+
+    step_model, trains = step_model_for(model), trainable()
     if args.compile:
         # Compile on one batch before the clock runs, then put every weight and statistic back.
         saved = {k: v.clone() for k, v in model.state_dict().items()}
@@ -431,9 +434,8 @@ def train(args):
         model.train()
         if args.whiten_bias_epochs and hasattr(model, "whiten"):
             model.whiten.bias.requires_grad_(epoch < args.whiten_bias_epochs)
-        if world > 1 and trains != [p.requires_grad for p in model.parameters()]:
-            step_model, trains = step_model_for(model), [p.requires_grad
-                                                         for p in model.parameters()]
+        if world > 1 and trains != trainable():   # DDP tracks what trained when it was built
+            step_model, trains = step_model_for(model), trainable()
         perm = torch.randperm(len(train_x), generator=data_gen, device=device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
