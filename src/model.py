@@ -137,6 +137,31 @@ def _tap_views(t, kernel_size, stride, dilation, out_hw):
                           q * dw:q * dw + (wo - 1) * sw + 1:sw]
 
 
+def _fold_columns(go, w_rows, padded_shape, kernel_size, stride, dilation, out_hw):
+    """col2im of go @ W: the gradient of a padded channels-last input (N, Hp, Wp, G, C/G).
+
+    go: output gradient rows (N*Ho*Wo, G, O/G); w_rows: (G, O/G, K) as from `_weight_rows`.
+    Each chunk of images gets its columns (m, K) from one matmul, then every kernel tap adds its
+    column block into the tap's shifted view of the buffer (fold, the adjoint of im2col).
+    Chunks are sized like the forward's im2col chunks, so the columns stay small and reused."""
+    n, hp, wp, groups, cg = padded_shape
+    (kh, kw), (ho, wo) = kernel_size, out_hw
+    gxp = go.new_zeros(padded_shape)
+    as_nchw = gxp.view(n, hp, wp, groups * cg).permute(0, 3, 1, 2)
+    chunk = _images_per_chunk(as_nchw, out_hw, kernel_size)
+    w_cols = w_rows[0].t().contiguous() if groups == 1 else None       # (K, O) for _matmul_nt
+    for i in range(0, n, chunk):
+        rows = go[i * ho * wo:(i + chunk) * ho * wo]
+        if groups == 1:
+            cols = _matmul_nt(rows[:, 0], w_cols).unsqueeze(0)           # (1, m, K)
+        else:
+            cols = torch.bmm(rows.transpose(0, 1), w_rows)               # (G, m, K)
+        cols = cols.view(groups, -1, ho, wo, kh, kw, cg)
+        for p, q, view in _tap_views(gxp[i:i + chunk], kernel_size, stride, dilation, out_hw):
+            view += cols[:, :, :, :, p, q].permute(1, 2, 3, 0, 4)
+    return gxp
+
+
 def _output_hw(x_shape, kernel_size, stride, pads, dilation):
     """(Ho, Wo) of a conv; a ValueError if the dilated kernel does not fit the padded input."""
     (h, w), (kh, kw), (left, right, top, bottom) = x_shape[2:], kernel_size, pads
@@ -154,10 +179,10 @@ class _UnfoldMatmulConv(torch.autograd.Function):
     Autograd through `as_strided` would scatter gradients element by element. Here:
     - grad W = grad_y^T @ im2col(x): the columns are rebuilt chunk by chunk instead of being
       saved, since they are kh*kw times the input;
-    - grad x, stride 1: a correlation of the zero-padded grad_y with the flipped, transposed
-      kernel, i.e. the same unfold + matmul as the forward (a matmul with a long inner dimension);
-    - grad x, other strides: grad_y @ W, then fold (kh*kw shifted, strided adds: the adjoint of
-      im2col)."""
+    - grad x, stride 1 and O <= 2C: a correlation of the zero-padded grad_y with the flipped,
+      transposed kernel, i.e. the same unfold + matmul as the forward (long inner dimension);
+    - grad x otherwise: grad_y @ W, then fold (kh*kw shifted, strided adds: the adjoint of
+      im2col), a chunk of images at a time."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, pads, dilation, groups):
@@ -199,7 +224,7 @@ class _UnfoldMatmulConv(torch.autograd.Function):
             grad_w = grad_w.contiguous()
         if has_bias and need_b:
             grad_b = go.sum(0).reshape(out_c)
-        if need_x and stride == (1, 1):
+        if need_x and stride == (1, 1) and out_c <= 2 * c:
             # x_pad[r, s] receives go[r - p*d, s - q*d] W[:, :, p, q]: a stride-1 correlation
             # of go, padded by the dilated kernel extent, with the kernel flipped in space and
             # transposed in channels. Only the rows and columns inside the padding are computed.
@@ -214,13 +239,15 @@ class _UnfoldMatmulConv(torch.autograd.Function):
             gx = _unfold_matmul(gop, w_rot, None, (h, w), (kh, kw), (1, 1), dilation, groups)
             grad_x = gx.view(n, h, w, c).permute(0, 3, 1, 2)
         elif need_x:
-            gxp = go.new_zeros((n, h + top + bottom, w + left + right, groups, cg))
-            gcols = torch.bmm(go.transpose(0, 1), _weight_rows(weight, groups))  # (G, M, K)
-            gcols = gcols.view(groups, n, ho, wo, kh, kw, cg)
-            for p, q, view in _tap_views(gxp, (kh, kw), stride, dilation, (ho, wo)):
-                view += gcols[:, :, :, :, p, q].permute(1, 2, 3, 0, 4)
-            gxp = gxp.view(n, h + top + bottom, w + left + right, c)
-            grad_x = gxp[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
+            # grad_y @ W, then fold. Gathering the correlation's columns moves 9·O values per
+            # output position; this writes 9·C, reads them back and adds them into 9 shifted
+            # views (about 4 passes of 9·C): less memory traffic once O > 2C, and the only way
+            # for strides > 1 (docs/conv_performance.md, variant 5).
+            gxp = _fold_columns(go, _weight_rows(weight, groups), (n, h + top + bottom,
+                                w + left + right, groups, cg), (kh, kw), stride, dilation,
+                                (ho, wo))
+            grad_x = gxp.view(n, h + top + bottom, w + left + right, c)
+            grad_x = grad_x[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 

@@ -127,12 +127,15 @@ def test_torchscript_runs_the_traced_variant_with_the_same_result():
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-def test_conv_matches_when_unfolded_in_chunks_of_images(groups):
-    """Large inputs are unfolded a few images at a time; the chunks must not show."""
-    cfg = dict(cin=32, cout=16, k=3, stride=1, padding=1, dilation=1, groups=groups, n=12,
+@pytest.mark.parametrize("cin,cout", [(32, 16), (8, 32)], ids=["correlation", "fold"])
+def test_conv_matches_when_unfolded_in_chunks_of_images(cin, cout, groups):
+    """Large inputs are unfolded a few images at a time, and grad x (a correlation of grad_y
+    when cout <= 2 cin, else grad_y @ W folded) is built a few images at a time too; the
+    chunks must not show."""
+    cfg = dict(cin=cin, cout=cout, k=3, stride=1, padding=1, dilation=1, groups=groups, n=12,
                h=24, w=24, bias=True)
-    xp = torch.zeros(12, 32, 26, 26)
-    assert _images_per_chunk(xp, (24, 24), (3, 3)) < 12
+    for channels in (cin, cout):
+        assert _images_per_chunk(torch.zeros(12, channels, 26, 26), (24, 24), (3, 3)) < 12
     torch.manual_seed(5)
     errors = compare(cfg, torch.float64)
     assert max(errors.values()) < TOL[torch.float64], errors
