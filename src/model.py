@@ -126,6 +126,120 @@ def _unfold_matmul(xp, w_t, bias, out_hw, kernel_size, stride, dilation, groups)
     return out
 
 
+# Zero padding. With padding 1, a 3x3 kernel on a 3x3 map multiplies padding in 32 of its 81
+# (position, tap) products, on a 7x7 map in 18 %. Rather than copy the input into a zero-padded
+# buffer and multiply those zeros (the native conv skips them), the output is split into
+# rectangles whose positions all read the same kernel taps inside the input, and each rectangle
+# is one smaller unfold + matmul that reads the unpadded input directly.
+
+SPLIT_AT_SKIPPED_SHARE = 0.1   # split once 10 % of the products would multiply padding
+
+
+def _bands(size, out, kernel, stride, dilation, before):
+    """Runs (o0, o1, t0, t1) of output rows o0:o1 that all read kernel rows t0:t1 inside an
+    input of `size` rows (output row i, kernel row t read input row i*stride + t*dilation -
+    before); t0 == t1 where the rows read nothing but padding."""
+    runs = []
+    for i in range(out):
+        valid = [t for t in range(kernel) if 0 <= i * stride + t * dilation - before < size]
+        taps = (valid[0], valid[-1] + 1) if valid else (0, 0)
+        if runs and runs[-1][2:] == taps:
+            runs[-1] = (runs[-1][0], i + 1) + taps
+        else:
+            runs.append((i, i + 1) + taps)
+    return runs
+
+
+def _regions(in_hw, kernel_size, stride, pads, dilation, out_hw):
+    """The output split into rectangles (i0, i1, p0, p1, j0, j1, q0, q1): output rows i0:i1 and
+    columns j0:j1, all of whose positions read kernel rows p0:p1 and columns q0:q1 inside the
+    input and only padding outside them."""
+    left, _, top, _ = pads
+    rows = _bands(in_hw[0], out_hw[0], kernel_size[0], stride[0], dilation[0], top)
+    cols = _bands(in_hw[1], out_hw[1], kernel_size[1], stride[1], dilation[1], left)
+    return [r[:2] + r[2:] + c[:2] + c[2:] for r in rows for c in cols]
+
+
+def _region_input(src, region, before, stride, dilation):
+    """The slice of `src` (N, C, H, W) that a region reads: its own valid-padding conv input."""
+    i0, i1, p0, p1, j0, j1, q0, q1 = region
+    (top, left), (sh, sw), (dh, dw) = before, stride, dilation
+    r0, c0 = i0 * sh + p0 * dh - top, j0 * sw + q0 * dw - left
+    return src[:, :, r0:(i1 - 1) * sh + (p1 - 1) * dh - top + 1,
+               c0:(j1 - 1) * sw + (q1 - 1) * dw - left + 1]
+
+
+def _conv_source(x, pads, kernel_size, stride, dilation, out_hw):
+    """What the im2col reads, as (source, (top, left) padding still to apply, regions).
+
+    When at least SPLIT_AT_SKIPPED_SHARE of the products would multiply padding: the input
+    itself, channels-last, and the output split into regions. Otherwise one zero-padded
+    channels-last copy, read as a single region (small regions cost more in bookkeeping,
+    copies and short matmuls than they save). Negative padding crops."""
+    regions = _regions(x.shape[2:], kernel_size, stride, pads, dilation, out_hw)
+    (kh, kw), (ho, wo) = kernel_size, out_hw
+    computed = sum((i1 - i0) * (p1 - p0) * (j1 - j0) * (q1 - q0)
+                   for i0, i1, p0, p1, j0, j1, q0, q1 in regions)
+    if computed < (1 - SPLIT_AT_SKIPPED_SHARE) * ho * wo * kh * kw:
+        return x.contiguous(memory_format=torch.channels_last), (pads[2], pads[0]), regions
+    left, right, top, bottom = pads
+    xp = _pad_channels_last(x, tuple(max(p, 0) for p in pads))
+    hp, wp = xp.shape[2:]
+    xp = xp[:, :, max(-top, 0):hp - max(-bottom, 0), max(-left, 0):wp - max(-right, 0)]
+    return xp, (0, 0), _regions(xp.shape[2:], kernel_size, stride, (0,) * 4, dilation, out_hw)
+
+
+def _conv_regions(src, before, regions, w5, bias, stride, dilation, out_hw):
+    """The conv of `src` (padding `before` still to apply) as output rows (N*Ho*Wo, O), one
+    unfold + matmul per region. w5: the weight as (G, O/G, kh, kw, C/G)."""
+    groups, og = w5.shape[:2]
+    n, (ho, wo) = src.shape[0], out_hw
+    out = src.new_empty((n, ho, wo, groups * og)) if len(regions) > 1 else None
+    for region in regions:
+        i0, i1, p0, p1, j0, j1, q0, q1 = region
+        if p0 == p1 or q0 == q1:   # these positions read only padding
+            target = out[:, i0:i1, j0:j1]
+            target.copy_(bias.expand_as(target)) if bias is not None else target.zero_()
+            continue
+        rows = _unfold_matmul(_region_input(src, region, before, stride, dilation),
+                              w5[:, :, p0:p1, q0:q1].reshape(groups, og, -1), bias,
+                              (i1 - i0, j1 - j0), (p1 - p0, q1 - q0), stride, dilation, groups)
+        if out is None:
+            return rows
+        out[:, i0:i1, j0:j1] = rows.view(n, i1 - i0, j1 - j0, -1)
+    return out.view(n * ho * wo, -1)
+
+
+def _grad_weight_regions(src, before, regions, go4, kernel_size, stride, dilation, groups):
+    """grad W as (G, kh, kw, C/G, O/G): per region, its im2col columns (rebuilt chunk by chunk)
+    times its rows of the output gradient go4 (N, Ho, Wo, G, O/G)."""
+    og, cg = go4.shape[-1], src.shape[1] // groups
+    kh, kw = kernel_size
+    gw = go4.new_zeros((groups, kh, kw, cg, og))
+    for region in regions:
+        i0, i1, p0, p1, j0, j1, q0, q1 = region
+        if p0 == p1 or q0 == q1:
+            continue
+        go_r = go4[:, i0:i1, j0:j1].reshape(-1, groups, og)   # a copy unless the whole map
+        whole = (p1 - p0, q1 - q0) == (kh, kw)
+        acc = (gw.view(groups, -1, og) if whole else
+               go4.new_zeros((groups, (p1 - p0) * (q1 - q0) * cg, og)))
+        xs = _region_input(src, region, before, stride, dilation)
+        # Accumulated as grad W^T = cols^T @ go (K, O/G): MKL ran this orientation of the same
+        # product faster than grad_y^T @ cols (docs/conv_performance.md, variant 2d).
+        for start, cols in _column_chunks(xs, (p1 - p0, q1 - q0), stride, dilation, groups,
+                                          (i1 - i0, j1 - j0)):
+            go_c = go_r[start:start + cols.shape[1]].transpose(0, 1)          # (G, m, O/G)
+            if groups == 1:
+                acc[0].addmm_(cols[0].t(), go_c[0])
+            else:
+                acc.baddbmm_(cols.transpose(1, 2), go_c)
+            del cols   # free this chunk before the generator builds the next one
+        if not whole:
+            gw[:, p0:p1, q0:q1] += acc.view(groups, p1 - p0, q1 - q0, cg, og)
+    return gw
+
+
 def _tap_views(t, kernel_size, stride, dilation, out_hw):
     """For each kernel tap (p, q): the (N, Ho, Wo, ...) view of the padded channels-last tensor
     t (N, Hp, Wp, ...) that the tap multiplies (im2col's column block for that tap; adding
@@ -188,21 +302,23 @@ class _UnfoldMatmulConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, pads, dilation, groups):
         n, out_c, (kh, kw) = x.shape[0], weight.shape[0], weight.shape[2:]
         ho, wo = _output_hw(x.shape, (kh, kw), stride, pads, dilation)
-        xp = _pad_channels_last(x, pads)
-        out = _unfold_matmul(xp, _weight_rows(weight, groups), bias, (ho, wo), (kh, kw), stride,
-                             dilation, groups)
-        ctx.save_for_backward(xp, weight)
-        ctx.geometry = (x.shape, stride, pads, dilation, groups, (ho, wo), bias is not None)
+        src, before, regions = _conv_source(x, pads, (kh, kw), stride, dilation, (ho, wo))
+        w5 = weight.view(groups, out_c // groups, -1, kh, kw).permute(0, 1, 3, 4, 2)
+        out = _conv_regions(src, before, regions, w5, bias, stride, dilation, (ho, wo))
+        ctx.save_for_backward(src, weight)
+        ctx.geometry = (x.shape, stride, pads, dilation, groups, (ho, wo), bias is not None,
+                        before, regions)
         return out.view(n, ho, wo, out_c).permute(0, 3, 1, 2)              # NCHW, channels-last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        xp, weight = ctx.saved_tensors
-        x_shape, stride, pads, dilation, groups, (ho, wo), has_bias = ctx.geometry
+        src, weight = ctx.saved_tensors
+        (x_shape, stride, pads, dilation, groups, (ho, wo), has_bias, before,
+         regions) = ctx.geometry
         n, c, h, w = x_shape
         out_c, cg, kh, kw = weight.shape
-        og, k = out_c // groups, kh * kw * cg
+        og = out_c // groups
         left, right, top, bottom = pads
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
         go = grad_out.permute(0, 2, 3, 1).view(-1, groups, og)               # (M, G, O/G)
@@ -210,33 +326,22 @@ class _UnfoldMatmulConv(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
 
         if need_w:
-            # Accumulated as grad W^T = cols^T @ go (K, O/G): MKL ran this orientation of the
-            # same product faster than grad_y^T @ cols (docs/conv_performance.md, variant 2d).
-            gw_t = go.new_zeros((groups, k, og))
-            for start, cols in _column_chunks(xp, (kh, kw), stride, dilation, groups, (ho, wo)):
-                go_c = go[start:start + cols.shape[1]].transpose(0, 1)          # (G, m, O/G)
-                if groups == 1:
-                    gw_t[0].addmm_(cols[0].t(), go_c[0])
-                else:
-                    gw_t.baddbmm_(cols.transpose(1, 2), go_c)
-                del cols   # free this chunk before the generator builds the next one
-            grad_w = gw_t.permute(0, 2, 1).reshape(out_c, kh, kw, cg).permute(0, 3, 1, 2)
-            grad_w = grad_w.contiguous()
+            gw = _grad_weight_regions(src, before, regions, go.view(n, ho, wo, groups, og),
+                                      (kh, kw), stride, dilation, groups)
+            grad_w = gw.permute(0, 4, 3, 1, 2).reshape(out_c, cg, kh, kw)
         if has_bias and need_b:
             grad_b = go.sum(0).reshape(out_c)
         if need_x and stride == (1, 1) and out_c <= 2 * c:
-            # x_pad[r, s] receives go[r - p*d, s - q*d] W[:, :, p, q]: a stride-1 correlation
-            # of go, padded by the dilated kernel extent, with the kernel flipped in space and
-            # transposed in channels. Only the rows and columns inside the padding are computed.
+            # x[r, s] receives go[r + top - p*d, s + left - q*d] W[:, :, p, q]: a stride-1
+            # correlation of go, padded by the dilated kernel extent less the forward padding,
+            # with the kernel flipped in space and transposed in channels; the same region split
+            # skips the taps that land on that padding.
             eh, ew = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
-            exact = (ew - left, ew - right, eh - top, eh - bottom)
-            if min(exact) >= 0:    # pad only what the correlation reads (small maps: half)
-                gop = _pad_channels_last(grad_out, exact)
-            else:                  # padding wider than the kernel: pad fully, then crop
-                gop = _pad_channels_last(grad_out, (ew, ew, eh, eh))[:, :, top:, left:]
+            gpads = (ew - left, ew - right, eh - top, eh - bottom)
+            g_src, g_before, g_regions = _conv_source(grad_out, gpads, (kh, kw), (1, 1),
+                                                      dilation, (h, w))
             w_rot = weight.view(groups, og, cg, kh, kw).flip(3, 4).permute(0, 2, 3, 4, 1)
-            w_rot = w_rot.reshape(groups, cg, kh * kw * og)                     # (G, C/G, K')
-            gx = _unfold_matmul(gop, w_rot, None, (h, w), (kh, kw), (1, 1), dilation, groups)
+            gx = _conv_regions(g_src, g_before, g_regions, w_rot, None, (1, 1), dilation, (h, w))
             grad_x = gx.view(n, h, w, c).permute(0, 3, 1, 2)
         elif need_x:
             # grad_y @ W, then fold. Gathering the correlation's columns moves 9·O values per
