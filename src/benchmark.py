@@ -12,7 +12,8 @@ forward (inference) and forward+backward (a training step) with the hand-written
 the native one on the same inputs, alternating the two; then one training epoch of each whole
 network with either conv. `--models` also takes the pretrained backbones (pretrained.py, at
 --image-size; their TensorFlow 'SAME' convs are timed with the symmetric padding that gives
-the same output size). CPU runs float32; CUDA runs bf16 autocast with channels_last, as
+the same output size), except torchvision's resnet18: that name means model.py's CIFAR
+ResNet-18. CPU runs float32; CUDA runs bf16 autocast with channels_last, as
 training does there. Every number is a median of --repeats after --warmup calls; every ratio is
 hand / native from the same run.
 """
@@ -177,14 +178,15 @@ def timing_study(args, device):
 # Hand-written conv vs native conv
 
 def network(name, conv, image_size=None):
-    """A network of model.py, or a pretrained backbone's architecture (no weights needed)."""
-    if name in BACKBONES:
-        return load_backbone(name, 10, conv, image_size, imagenet=False)
-    return build_model(name, 10, conv=conv)
+    """A network of model.py, or a pretrained backbone's architecture (no weights needed). A
+    name that is both (resnet18) means model.py's network, the one `--models all` lists."""
+    if name in MODELS:
+        return build_model(name, 10, conv=conv)
+    return load_backbone(name, 10, conv, image_size, imagenet=False)
 
 
 def default_batch_size(name):
-    return PRESETS["finetune" if name in BACKBONES else name]["batch_size"]
+    return PRESETS[name if name in MODELS else "finetune"]["batch_size"]
 
 
 def conv_layers(model_name, batch_size, image_size=None):

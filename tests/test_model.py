@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
-from model import (MODELS, Conv2d, SeedNet, _images_per_chunk, build_model, conv2d_unfold,
-                   conv2d_unfold_autograd, dirac_conv, predict_logits, tta_logits,
+from model import (MODELS, Conv2d, SeedNet, _conv_source, _images_per_chunk, build_model,
+                   conv2d_unfold, conv2d_unfold_autograd, dirac_conv, predict_logits, tta_logits,
                    whitening_filters)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # max |a - b| / max |b|
@@ -124,6 +125,30 @@ def test_torchscript_runs_the_traced_variant_with_the_same_result():
         scripted = torch.jit.script(conv)
     x = torch.randn(2, 4, 11, 10, dtype=torch.float64)
     assert rel_err(scripted(x), conv(x)) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("size,k,padding,dilation,groups", [
+    (3, 3, 1, 1, 1),      # fast94's last maps: 32 of 81 products would read padding
+    (7, 3, 1, 1, 2),      # 18 %
+    (1, 3, 1, 1, 1),      # a 1x1 map: only the centre tap reads the input
+    (2, 1, 1, 1, 1),      # the outer output rows and columns read nothing but padding
+    (5, 3, 2, 2, 1),      # dilated
+    (4, (3, 1), (1, 0), 1, 1),
+])
+def test_conv_matches_where_padding_taps_are_skipped(size, k, padding, dilation, groups, dtype):
+    """Small maps split the output into regions that skip the taps landing on padding; the
+    split must be taken here, and must not show in outputs or gradients."""
+    cfg = dict(cin=4, cout=6, k=k, stride=1, padding=padding, dilation=dilation, groups=groups,
+               n=3, h=size, w=size, bias=True)
+    kernel, pad, dil = _pair(k), _pair(padding), _pair(dilation)
+    out_hw = tuple(size + 2 * p - d * (kk - 1) for kk, p, d in zip(kernel, pad, dil))
+    source, _, _ = _conv_source(torch.zeros(3, 4, size, size), (pad[1], pad[1], pad[0], pad[0]),
+                                kernel, (1, 1), dil, out_hw)
+    assert source.shape[2:] == (size, size)      # the unpadded input, read region by region
+    torch.manual_seed(6)
+    errors = compare(cfg, dtype)
+    assert max(errors.values()) < TOL[dtype], errors
 
 
 @pytest.mark.parametrize("groups", [1, 2])

@@ -57,6 +57,13 @@ def test_conv_benchmark_finds_a_pretrained_backbones_depthwise_and_strided_convs
     assert seconds > 0
 
 
+def test_conv_benchmark_resnet18_is_model_pys_cifar_network():
+    """resnet18 is both a model.py network and a torchvision backbone; --models all lists
+    model.py's, so the benchmark must time that one (3x3 stem at 32x32, not 7x7 at 224)."""
+    layers = conv_layers("resnet18", 2)
+    assert fmt_shape(layers[0][2], layers[0][3]) == "2x3x32x32 -> 64, 3x3"
+
+
 def test_benchmark_rejects_unknown_variant():
     result = run_script("benchmark.py", "--variants", "onnx")
     assert result.returncode == 2
