@@ -68,12 +68,17 @@ def _images_per_chunk(xp, out_hw, kernel_size):
     return max(1, min(xp.shape[0], budget // cols_per_image))
 
 
+def _weight_taps(weight, groups):
+    """The weight as a (G, O/G, kh, kw, C/G) view: taps before channels, like the im2col
+    columns."""
+    out_c, cg, kh, kw = weight.shape
+    return weight.view(groups, out_c // groups, cg, kh, kw).permute(0, 1, 3, 4, 2)
+
+
 def _weight_rows(weight, groups):
     """The weight as (G, O/G, K), each row one filter with K ordered (kh, kw, C/G) like the
     columns of the im2col matrix."""
-    out_c, cg, kh, kw = weight.shape
-    w = weight.view(groups, out_c // groups, cg, kh, kw).permute(0, 1, 3, 4, 2)
-    return w.reshape(groups, out_c // groups, kh * kw * cg)
+    return _weight_taps(weight, groups).reshape(groups, weight.shape[0] // groups, -1)
 
 
 def _onednn_matmul_available():
@@ -157,7 +162,7 @@ def _regions(in_hw, kernel_size, stride, pads, dilation, out_hw):
     left, _, top, _ = pads
     rows = _bands(in_hw[0], out_hw[0], kernel_size[0], stride[0], dilation[0], top)
     cols = _bands(in_hw[1], out_hw[1], kernel_size[1], stride[1], dilation[1], left)
-    return [r[:2] + r[2:] + c[:2] + c[2:] for r in rows for c in cols]
+    return [r + c for r in rows for c in cols]
 
 
 def _region_input(src, region, before, stride, dilation):
@@ -191,7 +196,7 @@ def _conv_source(x, pads, kernel_size, stride, dilation, out_hw):
 
 def _conv_regions(src, before, regions, w5, bias, stride, dilation, out_hw):
     """The conv of `src` (padding `before` still to apply) as output rows (N*Ho*Wo, O), one
-    unfold + matmul per region. w5: the weight as (G, O/G, kh, kw, C/G)."""
+    unfold + matmul per region. w5: the weight as (G, O/G, kh, kw, C/G), `_weight_taps`."""
     groups, og = w5.shape[:2]
     n, (ho, wo) = src.shape[0], out_hw
     out = src.new_empty((n, ho, wo, groups * og)) if len(regions) > 1 else None
@@ -199,7 +204,10 @@ def _conv_regions(src, before, regions, w5, bias, stride, dilation, out_hw):
         i0, i1, p0, p1, j0, j1, q0, q1 = region
         if p0 == p1 or q0 == q1:   # these positions read only padding
             target = out[:, i0:i1, j0:j1]
-            target.copy_(bias.expand_as(target)) if bias is not None else target.zero_()
+            if bias is None:
+                target.zero_()
+            else:
+                target.copy_(bias.expand_as(target))
             continue
         rows = _unfold_matmul(_region_input(src, region, before, stride, dilation),
                               w5[:, :, p0:p1, q0:q1].reshape(groups, og, -1), bias,
@@ -303,8 +311,8 @@ class _UnfoldMatmulConv(torch.autograd.Function):
         n, out_c, (kh, kw) = x.shape[0], weight.shape[0], weight.shape[2:]
         ho, wo = _output_hw(x.shape, (kh, kw), stride, pads, dilation)
         src, before, regions = _conv_source(x, pads, (kh, kw), stride, dilation, (ho, wo))
-        w5 = weight.view(groups, out_c // groups, -1, kh, kw).permute(0, 1, 3, 4, 2)
-        out = _conv_regions(src, before, regions, w5, bias, stride, dilation, (ho, wo))
+        out = _conv_regions(src, before, regions, _weight_taps(weight, groups), bias, stride,
+                            dilation, (ho, wo))
         ctx.save_for_backward(src, weight)
         ctx.geometry = (x.shape, stride, pads, dilation, groups, (ho, wo), bias is not None,
                         before, regions)
@@ -344,10 +352,10 @@ class _UnfoldMatmulConv(torch.autograd.Function):
             gx = _conv_regions(g_src, g_before, g_regions, w_rot, None, (1, 1), dilation, (h, w))
             grad_x = gx.view(n, h, w, c).permute(0, 3, 1, 2)
         elif need_x:
-            # grad_y @ W, then fold. Gathering the correlation's columns moves 9·O values per
-            # output position; this writes 9·C, reads them back and adds them into 9 shifted
-            # views (about 4 passes of 9·C): less memory traffic once O > 2C, and the only way
-            # for strides > 1 (docs/conv_performance.md, variant 5).
+            # grad_y @ W, then fold. Gathering the correlation's columns moves kh·kw·O values
+            # per output position; this writes kh·kw·C, reads them back and adds them into the
+            # kh·kw shifted views (about 4 passes of kh·kw·C): less memory traffic once O > 2C,
+            # and the only way for strides > 1 (docs/conv_performance.md, variant 5).
             gxp = _fold_columns(go, _weight_rows(weight, groups), (n, h + top + bottom,
                                 w + left + right, groups, cg), (kh, kw), stride, dilation,
                                 (ho, wo))
