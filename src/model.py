@@ -165,6 +165,12 @@ def _regions(in_hw, kernel_size, stride, pads, dilation, out_hw):
     return [r + c for r in rows for c in cols]
 
 
+def _reads_input(region):
+    """Whether a region's positions read any input at all (else only padding)."""
+    _, _, p0, p1, _, _, q0, q1 = region
+    return p0 < p1 and q0 < q1
+
+
 def _region_input(src, region, before, stride, dilation):
     """The slice of `src` (N, C, H, W) that a region reads: its own valid-padding conv input."""
     i0, i1, p0, p1, j0, j1, q0, q1 = region
@@ -191,7 +197,7 @@ def _conv_source(x, pads, kernel_size, stride, dilation, out_hw):
     xp = _pad_channels_last(x, tuple(max(p, 0) for p in pads))
     hp, wp = xp.shape[2:]
     xp = xp[:, :, max(-top, 0):hp - max(-bottom, 0), max(-left, 0):wp - max(-right, 0)]
-    return xp, (0, 0), _regions(xp.shape[2:], kernel_size, stride, (0,) * 4, dilation, out_hw)
+    return xp, (0, 0), [(0, ho, 0, kh, 0, wo, 0, kw)]     # every position reads every tap
 
 
 def _conv_regions(src, before, regions, w5, bias, stride, dilation, out_hw):
@@ -199,22 +205,25 @@ def _conv_regions(src, before, regions, w5, bias, stride, dilation, out_hw):
     unfold + matmul per region. w5: the weight as (G, O/G, kh, kw, C/G), `_weight_taps`."""
     groups, og = w5.shape[:2]
     n, (ho, wo) = src.shape[0], out_hw
-    out = src.new_empty((n, ho, wo, groups * og)) if len(regions) > 1 else None
-    for region in regions:
+
+    def rows_of(region):
         i0, i1, p0, p1, j0, j1, q0, q1 = region
-        if p0 == p1 or q0 == q1:   # these positions read only padding
-            target = out[:, i0:i1, j0:j1]
-            if bias is None:
-                target.zero_()
-            else:
-                target.copy_(bias.expand_as(target))
-            continue
-        rows = _unfold_matmul(_region_input(src, region, before, stride, dilation),
+        return _unfold_matmul(_region_input(src, region, before, stride, dilation),
                               w5[:, :, p0:p1, q0:q1].reshape(groups, og, -1), bias,
                               (i1 - i0, j1 - j0), (p1 - p0, q1 - q0), stride, dilation, groups)
-        if out is None:
-            return rows
-        out[:, i0:i1, j0:j1] = rows.view(n, i1 - i0, j1 - j0, -1)
+
+    if len(regions) == 1 and _reads_input(regions[0]):   # the rows are the output already
+        return rows_of(regions[0])
+    out = src.new_empty((n, ho, wo, groups * og))
+    for region in regions:
+        i0, i1, _, _, j0, j1, _, _ = region
+        target = out[:, i0:i1, j0:j1]
+        if _reads_input(region):
+            target.copy_(rows_of(region).view(target.shape))
+        elif bias is None:        # these positions read only padding
+            target.zero_()
+        else:
+            target.copy_(bias.expand_as(target))
     return out.view(n * ho * wo, -1)
 
 
@@ -225,9 +234,9 @@ def _grad_weight_regions(src, before, regions, go4, kernel_size, stride, dilatio
     kh, kw = kernel_size
     gw = go4.new_zeros((groups, kh, kw, cg, og))
     for region in regions:
-        i0, i1, p0, p1, j0, j1, q0, q1 = region
-        if p0 == p1 or q0 == q1:
+        if not _reads_input(region):
             continue
+        i0, i1, p0, p1, j0, j1, q0, q1 = region
         go_r = go4[:, i0:i1, j0:j1].reshape(-1, groups, og)   # a copy unless the whole map
         whole = (p1 - p0, q1 - q0) == (kh, kw)
         acc = (gw.view(groups, -1, og) if whole else

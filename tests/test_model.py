@@ -133,6 +133,7 @@ def test_torchscript_runs_the_traced_variant_with_the_same_result():
     (7, 3, 1, 1, 2),      # 18 %
     (1, 3, 1, 1, 1),      # a 1x1 map: only the centre tap reads the input
     (2, 1, 1, 1, 1),      # the outer output rows and columns read nothing but padding
+    (1, 2, 2, 3, 1),      # the whole output reads nothing but padding (bias alone)
     (5, 3, 2, 2, 1),      # dilated
     (4, (3, 1), (1, 0), 1, 1),
 ])
