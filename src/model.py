@@ -99,6 +99,21 @@ def _matmul_nt(a, b_t, bias=None):
     return torch.mm(a, b_t.t()) if bias is None else torch.addmm(bias, a, b_t.t())
 
 
+def _accumulator(dtype):
+    """The dtype sums over chunks, regions and kernel taps are added in: float32 for bf16 and
+    float16 (which keep 8 and 11 significant bits, rounding at every add), else the dtype
+    itself. The matmuls themselves accumulate in float32 inside oneDNN or cuBLAS."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _add_matmul(acc, a, b):
+    """acc += a @ b (batched when 3-D). A float32 `acc` of bf16 factors takes their product,
+    rounded once, and adds it in float32 (CPU matmuls have no bf16-in, float32-out form)."""
+    if acc.dtype != a.dtype:
+        return acc.add_(a @ b)
+    return acc.addmm_(a, b) if a.dim() == 2 else acc.baddbmm_(a, b)
+
+
 def _column_chunks(xp, kernel_size, stride, dilation, groups, out_hw):
     """Yield (first output row, im2col matrix (G, m, K)) for successive chunks of images, each
     chunk no larger than `_images_per_chunk` allows; rows are ordered (n, ho, wo). The caller
@@ -228,11 +243,12 @@ def _conv_regions(src, before, regions, w5, bias, stride, dilation, out_hw):
 
 
 def _grad_weight_regions(src, before, regions, go4, kernel_size, stride, dilation, groups):
-    """grad W as (G, kh, kw, C/G, O/G): per region, its im2col columns (rebuilt chunk by chunk)
+    """grad W as (G, kh, kw, C/G, O/G), summed in `_accumulator`'s dtype: per region, its im2col columns (rebuilt chunk by chunk)
     times its rows of the output gradient go4 (N, Ho, Wo, G, O/G)."""
     og, cg = go4.shape[-1], src.shape[1] // groups
     kh, kw = kernel_size
-    gw = go4.new_zeros((groups, kh, kw, cg, og))
+    acc_dtype = _accumulator(go4.dtype)
+    gw = go4.new_zeros((groups, kh, kw, cg, og), dtype=acc_dtype)
     for region in regions:
         if not _reads_input(region):
             continue
@@ -240,7 +256,7 @@ def _grad_weight_regions(src, before, regions, go4, kernel_size, stride, dilatio
         go_r = go4[:, i0:i1, j0:j1].reshape(-1, groups, og)   # a copy unless the whole map
         whole = (p1 - p0, q1 - q0) == (kh, kw)
         acc = (gw.view(groups, -1, og) if whole else
-               go4.new_zeros((groups, (p1 - p0) * (q1 - q0) * cg, og)))
+               go4.new_zeros((groups, (p1 - p0) * (q1 - q0) * cg, og), dtype=acc_dtype))
         xs = _region_input(src, region, before, stride, dilation)
         # Accumulated as grad W^T = cols^T @ go (K, O/G): MKL ran this orientation of the same
         # product faster than grad_y^T @ cols (docs/conv_performance.md, variant 2d).
@@ -248,9 +264,9 @@ def _grad_weight_regions(src, before, regions, go4, kernel_size, stride, dilatio
                                           (i1 - i0, j1 - j0)):
             go_c = go_r[start:start + cols.shape[1]].transpose(0, 1)          # (G, m, O/G)
             if groups == 1:
-                acc[0].addmm_(cols[0].t(), go_c[0])
+                _add_matmul(acc[0], cols[0].t(), go_c[0])
             else:
-                acc.baddbmm_(cols.transpose(1, 2), go_c)
+                _add_matmul(acc, cols.transpose(1, 2), go_c)
             del cols   # free this chunk before the generator builds the next one
         if not whole:
             gw[:, p0:p1, q0:q1] += acc.view(groups, p1 - p0, q1 - q0, cg, og)
@@ -277,7 +293,7 @@ def _fold_columns(go, w_rows, padded_shape, kernel_size, stride, dilation, out_h
     Chunks are sized like the forward's im2col chunks, so the columns stay small and reused."""
     n, hp, wp, groups, cg = padded_shape
     (kh, kw), (ho, wo) = kernel_size, out_hw
-    gxp = go.new_zeros(padded_shape)
+    gxp = go.new_zeros(padded_shape, dtype=_accumulator(go.dtype))   # the taps add up here
     as_nchw = gxp.view(n, hp, wp, groups * cg).permute(0, 3, 1, 2)
     chunk = _images_per_chunk(as_nchw, out_hw, kernel_size)
     w_cols = w_rows[0].t().contiguous() if groups == 1 else None       # (K, O) for _matmul_nt
@@ -345,7 +361,7 @@ class _UnfoldMatmulConv(torch.autograd.Function):
         if need_w:
             gw = _grad_weight_regions(src, before, regions, go.view(n, ho, wo, groups, og),
                                       (kh, kw), stride, dilation, groups)
-            grad_w = gw.permute(0, 4, 3, 1, 2).reshape(out_c, cg, kh, kw)
+            grad_w = gw.permute(0, 4, 3, 1, 2).reshape(out_c, cg, kh, kw).to(weight.dtype)
         if has_bias and need_b:
             grad_b = go.sum(0).reshape(out_c)
         if need_x and stride == (1, 1) and out_c <= 2 * c:
@@ -369,7 +385,7 @@ class _UnfoldMatmulConv(torch.autograd.Function):
                                 w + left + right, groups, cg), (kh, kw), stride, dilation,
                                 (ho, wo))
             grad_x = gxp.view(n, h + top + bottom, w + left + right, c)
-            grad_x = grad_x[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
+            grad_x = grad_x[:, top:top + h, left:left + w].permute(0, 3, 1, 2).to(src.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
@@ -386,16 +402,14 @@ class _DepthwiseConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, pads, dilation, out_hw):
         xp = _pad_channels_last(x, pads).permute(0, 2, 3, 1)                # (N, Hp, Wp, C)
         taps = weight[:, 0]                                                  # (C, kh, kw)
-        out = None
+        shape, acc_dtype = (x.shape[0], *out_hw, x.shape[1]), _accumulator(x.dtype)
+        out = (xp.new_zeros(shape, dtype=acc_dtype) if bias is None else
+               bias.to(acc_dtype).expand(shape).clone())
         for p, q, view in _tap_views(xp, weight.shape[2:], stride, dilation, out_hw):
-            if out is None:
-                out = view * taps[:, p, q] if bias is None else torch.addcmul(bias, view,
-                                                                              taps[:, p, q])
-            else:
-                out.addcmul_(view, taps[:, p, q])
+            out.addcmul_(view, taps[:, p, q])
         ctx.save_for_backward(xp, weight)
         ctx.geometry = (x.shape, stride, pads, dilation, out_hw, bias is not None)
-        return out.permute(0, 3, 1, 2)                                       # channels-last
+        return out.to(x.dtype).permute(0, 3, 1, 2)                           # channels-last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -413,11 +427,11 @@ class _DepthwiseConv(torch.autograd.Function):
         if has_bias and need_b:
             grad_b = go.sum((0, 1, 2))
         if need_x:
-            gxp = torch.zeros_like(xp)
+            gxp = torch.zeros_like(xp, dtype=_accumulator(xp.dtype))
             taps = weight[:, 0]
             for p, q, view in _tap_views(gxp, kernel, stride, dilation, out_hw):
                 view.addcmul_(go, taps[:, p, q])
-            grad_x = gxp[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
+            grad_x = gxp[:, top:top + h, left:left + w].permute(0, 3, 1, 2).to(xp.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
@@ -545,8 +559,9 @@ def tta_logits(model, x, level=0):
     mirror-averaged logits of the image shifted one pixel up-left and one down-right (reflect
     padding) weight 1/4 each."""
     if level == 0:
-        return model(x)
-    mirrored = 0.5 * (model(x) + model(x.flip(3)))
+        return model(x).float()
+    # Summed in float32: under bf16 autocast the logits come out in bf16.
+    mirrored = 0.5 * (model(x).float() + model(x.flip(3)).float())
     if level == 1:
         return mirrored
     h, w = x.shape[2:]
@@ -714,7 +729,12 @@ class FastNet(nn.Module):
         self.whiten.weight.copy_(whitening_filters(images, self.whiten.kernel_size[0], eps))
 
     def forward(self, x):
-        x = self.groups(F.gelu(self.whiten(x)))
+        # The whitening conv stays float32 under bf16 autocast: its filters amplify the weakest
+        # patch directions up to 45x, and with them bf16's rounding of the input (2.7 % relative
+        # error in its output, which doubled the logits' error on the shipped fast94 weights).
+        with torch.autocast(x.device.type, enabled=False):
+            x = F.gelu(self.whiten(x))
+        x = self.groups(x)
         x = F.adaptive_max_pool2d(x, 1).flatten(1)
         return self.head(x) * self.logit_scale
 

@@ -23,6 +23,8 @@ import distributed
 from data import (DATASETS, DataError, augment, channel_stats, load_cifar, load_torch_file,
                   normalize, one_hot, stratified_split)
 from device import describe, optimize_for_device, pick_device
+from precision import CHOICES as PRECISIONS, autocast as precision_autocast, pick_precision
+from precision import describe as describe_precision
 from model import MODELS, TTA_LEVELS, build_model, predict_logits
 from pretrained import BACKBONES, PretrainedError, classifier, load_backbone
 
@@ -143,6 +145,10 @@ def get_args(argv=None):
                    help="training images held out for validation, stratified (0: none)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="bf16: matmuls in bf16 under autocast (weights, optimiser, BatchNorm "
+                        "statistics and loss stay float32); auto: bf16 on CUDA and on CPUs with "
+                        "AMX, fp32 elsewhere")
     p.add_argument("--out", help="run folder (default: runs/<preset>-<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     p.add_argument("--dist-timeout", type=float, default=300,
@@ -331,8 +337,10 @@ def train(args):
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} (the global batch) does not split "
                          f"evenly over {world} processes")
+    dtype, why = pick_precision(args.precision, device)
     data = load_cifar(args.data_dir, args.dataset)
-    log(f"device: {describe(device)}" + (f", {world} processes" if world > 1 else ""))
+    log(f"device: {describe(device)}" + (f", {world} processes" if world > 1 else "")
+        + f", {describe_precision(dtype, why)}")
     torch.manual_seed(args.seed)
     data_gen = torch.Generator(device=device).manual_seed(args.seed)
     num_classes = len(data["classes"])
@@ -367,10 +375,10 @@ def train(args):
         for kind in distributed.global_batchnorm(model):
             log(f"note: {kind} layers keep per-process batch statistics under torchrun")
         torch.manual_seed(args.seed + distributed.rank())   # each rank its own dropout masks
-    # On CUDA the hand-written conv runs in bf16 under autocast; its outputs are channels-last
-    # already (the im2col matmul writes (N, H, W, C) rows), so BatchNorm, GELU and pooling run
-    # channels-last without converting the model.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # Under bf16 autocast the hand-written conv's matmuls run in bf16; its outputs are
+    # channels-last already (the im2col matmul writes (N, H, W, C) rows), so BatchNorm, GELU and
+    # pooling run channels-last without converting the model.
+    autocast = precision_autocast(device, dtype)
     timed = stopwatch(device)
     # From (at most) 5000 normalised training images; a resumed run loads its filters instead.
     if hasattr(model, "init_whitening") and resume_ckpt is None:
