@@ -13,9 +13,10 @@ the native one on the same inputs, alternating the two; then one training epoch 
 network with either conv. `--models` also takes the pretrained backbones (pretrained.py, at
 --image-size; their TensorFlow 'SAME' convs are timed with the symmetric padding that gives
 the same output size), except torchvision's resnet18: that name means model.py's CIFAR
-ResNet-18. CPU runs float32; CUDA runs bf16 autocast with channels_last, as
-training does there. Every number is a median of --repeats after --warmup calls; every ratio is
-hand / native from the same run.
+ResNet-18. --precision picks float32 or bf16 autocast as training does (auto: bf16 on CUDA and
+on CPUs with AMX); in bf16 the inputs and the native convs are channels_last, the native
+network's best form, on CPU and CUDA alike. Every number is a median of --repeats after
+--warmup calls; every ratio is hand / native from the same run.
 """
 import argparse
 import json
@@ -34,6 +35,8 @@ from tqdm import tqdm
 
 import cli
 from device import describe, pick_device
+from precision import CHOICES as PRECISIONS, autocast, pick_precision
+from precision import describe as describe_precision
 from model import MODELS, Conv2d, _UnfoldMatmulConv, build_model, conv2d_unfold_autograd
 from pretrained import BACKBONES, load_backbone
 from train import PRESETS
@@ -102,14 +105,17 @@ def forward_study(model, x, variants, device, warmup, repeats):
     return rows
 
 
-def train_epoch_seconds(model, images, labels, batch_size, device):
+def train_epoch_seconds(model, images, labels, batch_size, device, dtype=None):
     """Seconds for one epoch of SGD steps over `images` (the first step excluded: it is where
-    torch.compile compiles), and the seconds of that first step."""
+    torch.compile compiles), and the seconds of that first step; under autocast to `dtype`
+    (None: float32)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
     def step(i):
         x, y = images[i:i + batch_size], labels[i:i + batch_size]
-        loss = F.cross_entropy(model(x), y)
+        with autocast(device, dtype):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -246,16 +252,15 @@ def cpu_peak_bytes(spec):
     return json.loads(result.stdout)
 
 
-def conv_step_functions(conv, forward, x, grad, device):
-    """(inference, training step) closures running `forward(x)` of one conv module."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
+def conv_step_functions(conv, forward, x, grad, device, dtype):
+    """(inference, training step) closures running `forward(x)` of one conv module under
+    autocast to `dtype` (None: float32)."""
     def infer():
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast(device, dtype):
             forward(x)
 
     def train_step():
-        with autocast:
+        with autocast(device, dtype):
             y = forward(x)
         y.backward(grad)
         conv.zero_grad(set_to_none=True)
@@ -276,7 +281,7 @@ HAND_VARIANTS = {
 }
 
 
-def layer_step_functions(kwargs, in_shape, first, device, variant):
+def layer_step_functions(kwargs, in_shape, first, device, variant, dtype=None):
     """{"hand": (infer, train_step), "native": (...)} on the same weights and inputs."""
     kwargs = {**kwargs, "kernel_size": tuple(kwargs["kernel_size"]),
               "stride": tuple(kwargs["stride"]), "dilation": tuple(kwargs["dilation"]),
@@ -286,18 +291,20 @@ def layer_step_functions(kwargs, in_shape, first, device, variant):
     hand = Conv2d(**kwargs).to(device)
     hand.load_state_dict(native.state_dict())
     x = torch.randn(in_shape, device=device)
-    if device.type == "cuda":   # the layout cuDNN is fastest with, and what training uses
+    if dtype is not None:   # the layout oneDNN and cuDNN run bf16 fastest in
         x = x.contiguous(memory_format=torch.channels_last)
         native = native.to(memory_format=torch.channels_last)
     x.requires_grad_(not first)  # the network's input needs no gradient
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, dtype):
         grad = torch.randn_like(native(x))
-    return {"hand": conv_step_functions(hand, HAND_VARIANTS[variant](hand), x, grad, device),
-            "native": conv_step_functions(native, native, x, grad, device)}
+    return {"hand": conv_step_functions(hand, HAND_VARIANTS[variant](hand), x, grad, device,
+                                        dtype),
+            "native": conv_step_functions(native, native, x, grad, device, dtype)}
 
 
-def bench_conv_layer(kwargs, in_shape, first, device, warmup, repeats, variant="function"):
-    fns = layer_step_functions(kwargs, in_shape, first, device, variant)
+def bench_conv_layer(kwargs, in_shape, first, device, warmup, repeats, variant="function",
+                     dtype=None):
+    fns = layer_step_functions(kwargs, in_shape, first, device, variant, dtype)
     result = {}
     for kind, index in (("infer", 0), ("train", 1)):
         for impl in fns:
@@ -311,7 +318,7 @@ def bench_conv_layer(kwargs, in_shape, first, device, warmup, repeats, variant="
             result[f"{impl}_{kind}"] = statistics.median(times[impl])
     if device.type == "cpu":
         peaks = cpu_peak_bytes({"kwargs": kwargs, "in_shape": in_shape, "first": first,
-                                "variant": variant})
+                                "variant": variant, "bf16": dtype is not None})
     else:
         peaks = {impl: peak_bytes(fns[impl][1], device) for impl in fns}
     result.update({f"{impl}_mem": peaks[impl] for impl in fns})
@@ -322,7 +329,8 @@ def print_cpu_peaks(spec_json):
     """The --peak-of child: one warm-up step, then the measured one, for each impl."""
     spec = json.loads(spec_json)
     fns = layer_step_functions(spec["kwargs"], spec["in_shape"], spec["first"],
-                               torch.device("cpu"), spec["variant"])
+                               torch.device("cpu"), spec["variant"],
+                               torch.bfloat16 if spec["bf16"] else None)
     peaks = {}
     for impl, (_, train_step) in fns.items():
         train_step()
@@ -342,30 +350,28 @@ def geomean(values):
     return math.exp(sum(map(math.log, values)) / len(values))
 
 
-def conv_benchmark(args, device):
-    names = sorted(MODELS) if args.models == "all" else args.models.split(",")
+def conv_shapes(names, batch_size, image_size):
+    """[(label, conv kwargs, input shape, is_first)]: each distinct conv layer of the networks."""
     rows, seen = [], set()
     for name in names:
-        batch = args.batch_size or default_batch_size(name)
-        for model_name, layer, kwargs, in_shape, first in conv_layers(name, batch,
-                                                                      args.image_size):
+        batch = batch_size or default_batch_size(name)
+        for model_name, layer, kwargs, in_shape, first in conv_layers(name, batch, image_size):
             key = (repr(kwargs), in_shape, first)
             if key not in seen:
                 seen.add(key)
                 rows.append((f"{model_name}.{layer}", kwargs, in_shape, first))
+    return rows
 
-    mode = "bf16 autocast, channels_last" if device.type == "cuda" else "float32"
-    print(f"Hand-written Conv2d ({args.hand_variant}) vs native, {describe(device)}, {mode}, "
-          f"torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median of {args.repeats} after {args.warmup} "
-          f"warm-up\n")
+
+def layer_table(args, device, dtype, rows):
+    """Print one row per conv shape; return the (inference, training-step) ratios."""
     print("| layer | input -> out, kernel | infer hand ms | native ms | ratio | "
           "train hand ms | native ms | ratio | peak hand MiB | native MiB | ratio |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     infer_ratios, train_ratios = [], []
     for label, kwargs, in_shape, first in tqdm(rows, desc="conv shapes", file=sys.stderr):
         r = bench_conv_layer(kwargs, in_shape, first, device, args.warmup, args.repeats,
-                             args.hand_variant)
+                             args.hand_variant, dtype)
         infer_ratios.append(r["hand_infer"] / r["native_infer"])
         train_ratios.append(r["hand_train"] / r["native_train"])
         mem = ("n/a | n/a | n/a" if r["hand_mem"] is None else
@@ -375,20 +381,45 @@ def conv_benchmark(args, device):
               f"{r['native_infer'] * 1e3:.2f} | {infer_ratios[-1]:.2f} | "
               f"{r['hand_train'] * 1e3:.2f} | {r['native_train'] * 1e3:.2f} | "
               f"{train_ratios[-1]:.2f} | {mem} |", flush=True)
+    return infer_ratios, train_ratios
 
+
+def network_table(args, device, dtype, names):
+    """One training epoch of each whole network, hand-written convs against nn.Conv2d. In bf16
+    the native network runs in its best form (channels_last weights and inputs), and so do the
+    inputs of ours."""
+    layout = "channels_last" if dtype is not None else "contiguous"
+    print(f"\n| network | epoch of {args.epoch_images} images, hand s | native ({layout}) s | "
+          f"ratio |")
+    print("|---|---:|---:|---:|")
+    images, labels = random_epoch(args.epoch_images, device)
+    if dtype is not None:
+        images = images.contiguous(memory_format=torch.channels_last)
+    for name in names:
+        batch = args.batch_size or default_batch_size(name)
+        seconds = {}
+        for conv in ("hand", "native"):
+            torch.manual_seed(0)
+            net = network(name, conv, args.image_size).to(device)
+            if conv == "native" and dtype is not None:
+                net = net.to(memory_format=torch.channels_last)
+            seconds[conv], _ = train_epoch_seconds(net, images, labels, batch, device, dtype)
+        print(f"| {name} (batch {batch}) | {seconds['hand']:.1f} | {seconds['native']:.1f} | "
+              f"{seconds['hand'] / seconds['native']:.2f} |", flush=True)
+
+
+def conv_benchmark(args, device):
+    names = sorted(MODELS) if args.models == "all" else args.models.split(",")
+    dtype, why = pick_precision(args.precision, device)
+    mode = "bf16 autocast, channels_last" if dtype is not None else "float32"
+    print(f"Hand-written Conv2d ({args.hand_variant}) vs native, {describe(device)}, {mode} "
+          f"({describe_precision(dtype, why)}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; median of {args.repeats} after {args.warmup} "
+          f"warm-up\n")
+    infer_ratios, train_ratios = layer_table(args, device, dtype,
+                                             conv_shapes(names, args.batch_size, args.image_size))
     if args.epoch_images:
-        print(f"\n| network | epoch of {args.epoch_images} images, hand s | native s | ratio |")
-        print("|---|---:|---:|---:|")
-        images, labels = random_epoch(args.epoch_images, device)
-        for name in names:
-            batch = args.batch_size or default_batch_size(name)
-            seconds = {}
-            for conv in ("hand", "native"):
-                torch.manual_seed(0)
-                net = network(name, conv, args.image_size).to(device)
-                seconds[conv], _ = train_epoch_seconds(net, images, labels, batch, device)
-            print(f"| {name} (batch {batch}) | {seconds['hand']:.1f} | {seconds['native']:.1f} | "
-                  f"{seconds['hand'] / seconds['native']:.2f} |", flush=True)
+        network_table(args, device, dtype, names)
     print(f"\ngeomean inference ratio (hand/native): {geomean(infer_ratios):.2f}")
     print(f"geomean train-step ratio (hand/native): {geomean(train_ratios):.2f}")
 
@@ -398,6 +429,9 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--conv", action="store_true",
                    help="benchmark the hand-written conv against the native one")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="--conv: fp32, or bf16 autocast with channels_last (auto: bf16 on CUDA "
+                        "and on CPUs with AMX); the timing study runs float32")
     p.add_argument("--batch-size", type=int,
                    help="default: 128 for the timing study, each model's preset for --conv")
     p.add_argument("--warmup", type=int, default=3)
@@ -424,6 +458,8 @@ def main(argv=None):
     if args.models != "all" and set(args.models.split(",")) - set(MODELS) - set(BACKBONES):
         p.error(f"unknown models: {args.models}; choose from "
                 f"{', '.join(sorted(MODELS) + sorted(BACKBONES))}")
+    if args.precision == "bf16" and not args.conv:
+        p.error("--precision bf16 goes with --conv (the timing study runs float32)")
     if args.peak_of:
         return print_cpu_peaks(args.peak_of)
     try:
@@ -431,7 +467,10 @@ def main(argv=None):
     except ValueError as e:
         cli.fail(str(e))
     if args.conv:
-        conv_benchmark(args, device)
+        try:
+            conv_benchmark(args, device)
+        except ValueError as e:       # a precision this device cannot run
+            cli.fail(str(e))
     else:
         args.batch_size = args.batch_size or 128
         timing_study(args, device)

@@ -14,6 +14,8 @@ import torch
 import cli
 from data import DataError, load_cifar, load_torch_file
 from device import describe, pick_device
+from precision import CHOICES as PRECISIONS, autocast, pick_precision
+from precision import describe as describe_precision
 from model import MODELS, TTA_LEVELS, build_model, predict_logits
 from pretrained import BACKBONES, PretrainedError, load_backbone
 
@@ -28,6 +30,9 @@ def get_args(argv=None):
     p.add_argument("--weights", default=os.path.normpath(DEFAULT_WEIGHTS))
     p.add_argument("--data-dir", default="data", help="where the dataset is (test-set report)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="bf16: matmuls in bf16 under autocast; auto: bf16 on CUDA and on CPUs "
+                        "with AMX, fp32 elsewhere")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--conv", default="hand", choices=("hand", "native"),
                    help="run the network with the hand-written conv or nn.Conv2d (same weights)")
@@ -123,6 +128,7 @@ def main(argv=None):
     try:
         # Every input is checked before anything is printed.
         device = pick_device(args.device, verbose=False)
+        dtype, why = pick_precision(args.precision, device)
         model, weights = load_weights(args.weights, args.conv)
         tta = tta_level(args.tta, weights)
         if args.images:
@@ -131,24 +137,32 @@ def main(argv=None):
             data = load_cifar(args.data_dir, weights["dataset"])
             if data["classes"] != weights["classes"]:
                 raise DataError(f"the classes in {args.data_dir} differ from those of the weights")
-        print(f"device: {describe(device)}", file=sys.stderr)
+        print(f"device: {describe(device)}, {describe_precision(dtype, why)}", file=sys.stderr)
         model.to(device)
-        if args.images:
-            results = classify_images(model, weights, images, args.images, device, tta)
-            if args.json:
-                print(json.dumps(results))
-            else:
-                for r in results:
-                    print(f"{r['path']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}"
-                                                       for t in r["top"]))
-        else:
-            report = test_report(model, weights, data, device, tta)
-            if args.json:
-                print(json.dumps(report))
-            else:
-                print_report(report, weights["classes"])
+        with autocast(device, dtype):
+            report_or_classify(args, model, weights, images if args.images else data, device,
+                               tta)
     except (DataError, ValueError, OSError, PretrainedError) as e:
         cli.fail(str(e))
+
+
+def report_or_classify(args, model, weights, inputs, device, tta):
+    """Print the top-3 classes of the image files (inputs: their pixels), or the test-set
+    report (inputs: the dataset)."""
+    if args.images:
+        results = classify_images(model, weights, inputs, args.images, device, tta)
+        if args.json:
+            print(json.dumps(results))
+        else:
+            for r in results:
+                print(f"{r['path']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}"
+                                                   for t in r["top"]))
+    else:
+        report = test_report(model, weights, inputs, device, tta)
+        if args.json:
+            print(json.dumps(report))
+        else:
+            print_report(report, weights["classes"])
 
 
 if __name__ == "__main__":

@@ -81,19 +81,27 @@ def _weight_rows(weight, groups):
     return _weight_taps(weight, groups).reshape(groups, weight.shape[0] // groups, -1)
 
 
-def _onednn_matmul_available():
-    return hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+def _onednn_matmul_available(dtype):
+    """Whether oneDNN's matmul runs `dtype` here: float32 wherever oneDNN is built in, bf16
+    only on CPUs with bf16 instructions (AVX512-BF16 or AMX; elsewhere oneDNN refuses it)."""
+    if not (hasattr(torch.ops.mkldnn, "_linear_pointwise") and
+            torch.backends.mkldnn.is_available()):
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
 
 
 def _matmul_nt(a, b_t, bias=None):
     """a @ b_t.T (+ bias) for 2-D a (m, k) and b_t (n, k).
 
-    float32 on the CPU goes through oneDNN's matmul (the `mkldnn._linear_pointwise` op that
-    torch.compile itself emits for linear layers): on CPUs where MKL's sgemm is slow it is up to
-    twice as fast (AMD EPYC: 31 ms against 54 ms, see docs/conv_performance.md). Otherwise, and
-    while being traced (torch.jit.trace cannot record the op's arguments; torch.compile lowers
-    it only for constant weights and picks its own matmul anyway): torch.addmm."""
-    if (a.device.type == "cpu" and a.dtype == torch.float32 and _onednn_matmul_available()
+    float32 and bf16 on the CPU go through oneDNN's matmul (the `mkldnn._linear_pointwise` op
+    that torch.compile itself emits for linear layers): where MKL's sgemm is slow it is up to
+    twice as fast in float32, and in bf16 up to 3x torch.mm's on the chunk-sized products here
+    (docs/conv_performance.md). Otherwise, and while being traced (torch.jit.trace cannot record
+    the op's arguments; torch.compile lowers it only for constant weights and picks its own
+    matmul anyway): torch.addmm."""
+    if (a.device.type == "cpu" and _onednn_matmul_available(a.dtype)
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
         return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
     return torch.mm(a, b_t.t()) if bias is None else torch.addmm(bias, a, b_t.t())
@@ -243,8 +251,9 @@ def _conv_regions(src, before, regions, w5, bias, stride, dilation, out_hw):
 
 
 def _grad_weight_regions(src, before, regions, go4, kernel_size, stride, dilation, groups):
-    """grad W as (G, kh, kw, C/G, O/G), summed in `_accumulator`'s dtype: per region, its im2col columns (rebuilt chunk by chunk)
-    times its rows of the output gradient go4 (N, Ho, Wo, G, O/G)."""
+    """grad W as (G, kh, kw, C/G, O/G), summed in `_accumulator`'s dtype: per region, its
+    im2col columns (rebuilt chunk by chunk) times its rows of the output gradient go4
+    (N, Ho, Wo, G, O/G)."""
     og, cg = go4.shape[-1], src.shape[1] // groups
     kh, kw = kernel_size
     acc_dtype = _accumulator(go4.dtype)

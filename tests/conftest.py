@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
+# The flags of every script run whose result is compared with a reference: float32 on the CPU.
+CPU_FP32 = ["--device", "cpu", "--precision", "fp32"]
 
 
 def _dump(path, obj):
@@ -54,6 +56,13 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck"]
 
 
+@pytest.fixture(autouse=True)
+def no_amx(monkeypatch):
+    """--precision auto means fp32 in every test, on every CPU (the scripts the tests start
+    inherit it); the tests of bf16 ask for it by name."""
+    monkeypatch.setenv("CIFAR_CPU_AMX", "0")
+
+
 @pytest.fixture
 def cifar10_dir(tmp_path):
     root = tmp_path / "data"
@@ -68,7 +77,9 @@ def cifar100_dir(tmp_path):
     return str(root)
 
 
-def run_script(script, *args, cwd=None):
-    """Run a script of src/ as the user would; returns the CompletedProcess (text)."""
+def run_script(script, *args, cwd=None, env=None):
+    """Run a script of src/ as the user would, with `env` added to the environment; returns
+    the CompletedProcess (text)."""
     return subprocess.run([sys.executable, os.path.join(SRC, script), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=600)
+                          capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env={**os.environ, **(env or {})})

@@ -9,7 +9,7 @@ import time
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SRC, run_script, write_cifar10
+from conftest import CPU_FP32, SRC, run_script, write_cifar10
 from data import load_cifar
 from model import build_model, predict_logits
 
@@ -31,7 +31,7 @@ def test_two_processes_write_one_set_of_logs_checkpoint_and_weights(tmp_path):
     write_cifar10(data, per_file=40, n_test=31)      # 31: shares of 16 and 15 test images
     out = tmp_path / "run"
     result = torchrun("--epochs", "2", "--val-size", "21", "--batch-size", "32", "--lr", "0.01",
-                      "--device", "cpu", "--data-dir", data, "--out", out)
+                      *CPU_FP32, "--data-dir", data, "--out", out)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("done: ") == 1 and " on cpu x 2 processes " in result.stdout
     assert result.stderr.count("epoch   2/2  train loss") == 1       # rank 0 alone prints
@@ -58,7 +58,7 @@ def test_two_processes_train_the_weights_one_process_trains(tmp_path):
     # translations, and the whitening bias frozen after 3 of the 4 epochs.
     data = str(tmp_path / "data")
     write_cifar10(data, per_file=40, n_test=30)
-    args = ["--preset", "fast94", "--epochs", "4", "--batch-size", "64", "--device", "cpu",
+    args = ["--preset", "fast94", "--epochs", "4", "--batch-size", "64", *CPU_FP32,
             "--data-dir", data]
     one = run_script("train.py", *args, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
@@ -101,7 +101,7 @@ def start_and_wait_for_a_checkpoint(args, run):
 def test_a_killed_rank_ends_the_job_and_the_run_resumes_under_torchrun(tmp_path):
     data = str(tmp_path / "data")
     write_cifar10(data, per_file=200, n_test=20)     # 31 steps per epoch: time to kill one
-    args = ["--epochs", "2", "--val-size", "20", "--batch-size", "32", "--device", "cpu",
+    args = ["--epochs", "2", "--val-size", "20", "--batch-size", "32", *CPU_FP32,
             "--data-dir", data]
     straight = tmp_path / "straight"
     assert torchrun(*args, "--out", straight).returncode == 0
@@ -118,7 +118,8 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_under_torchrun(tmp_path)
     assert not (run / "weights.pt").exists()
 
     result = subprocess.run([*TORCHRUN, os.path.join(SRC, "train.py"), "--resume", str(run),
-                             "--device", "cpu"], capture_output=True, text=True, timeout=600)
+                             *CPU_FP32], capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count(f"resuming {run} after epoch 1") == 1
     a, b = load_weights(straight)["state_dict"], load_weights(run)["state_dict"]
@@ -127,7 +128,7 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_under_torchrun(tmp_path)
 
 
 def test_a_global_batch_that_does_not_split_is_one_line(cifar10_dir, tmp_path):
-    result = torchrun("--batch-size", "33", "--device", "cpu", "--data-dir", cifar10_dir,
+    result = torchrun("--batch-size", "33", *CPU_FP32, "--data-dir", cifar10_dir,
                       "--out", tmp_path / "run")
     assert result.returncode != 0
     # Each rank that gets to say it says it on a line of its own (torchrun may stop one first).
@@ -186,7 +187,7 @@ def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout(tmp_path):
     data = str(tmp_path / "data")
     write_cifar10(data, per_file=200, n_test=20)
     job, rank1 = start_and_wait_for_a_checkpoint(
-        ["--epochs", "3", "--val-size", "20", "--batch-size", "32", "--device", "cpu",
+        ["--epochs", "3", "--val-size", "20", "--batch-size", "32", *CPU_FP32,
          "--data-dir", data, "--dist-timeout", "5"], tmp_path / "run")
     os.kill(rank1, signal.SIGSTOP)                 # alive, but never answers again
     _, stderr = job.communicate(timeout=120)       # torchrun: 30 s for SIGTERM, then SIGKILL

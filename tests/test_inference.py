@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CIFAR10_CLASSES, run_script
+from conftest import CIFAR10_CLASSES, CPU_FP32, run_script
 from data import load_cifar
 from inference import load_weights
 from model import predict_logits
@@ -18,7 +18,7 @@ def train_one_epoch(tmp_path_factory, name, *flags):
     root = tmp_path_factory.mktemp(name)
     data = str(root / "data")
     write_cifar10(data)
-    result = run_script("train.py", "--epochs", "1", *flags, "--device", "cpu",
+    result = run_script("train.py", "--epochs", "1", *flags, *CPU_FP32,
                         "--data-dir", data, "--out", root / "run")
     assert result.returncode == 0, result.stderr
     return root / "run" / "weights.pt", data
@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
 def test_test_set_report_as_json(trained):
     weights, data = trained
     result = run_script("inference.py", "--weights", weights, "--data-dir", data, "--json",
-                        "--device", "cpu")
+                        *CPU_FP32)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert set(report) == {"accuracy", "tta", "per_class", "confusion"} and report["tta"] == 0
@@ -127,7 +127,7 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path):
         (["--jsn"], "error: inference.py: unrecognized arguments: --jsn (see --help)"),
     ]
     for args, message in cases:
-        result = run_script("inference.py", "--device", "cpu", *args)
+        result = run_script("inference.py", *CPU_FP32, *args)
         assert result.returncode == 2, (args, result.stderr)
         assert "Traceback" not in result.stderr
         assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(message), \
@@ -147,7 +147,7 @@ def test_bad_tta_level_is_one_line():
 def test_shipped_weights_are_the_default_and_load(tmp_path):
     path = tmp_path / "red.png"
     Image.new("RGB", (64, 48), (180, 30, 30)).save(path)
-    result = run_script("inference.py", "--json", "--device", "cpu", path, cwd=tmp_path)
+    result = run_script("inference.py", "--json", *CPU_FP32, path, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     top = json.loads(result.stdout)[0]["top"]
     assert len(top) == 3 and {t["class"] for t in top} <= set(CIFAR10_CLASSES)
@@ -164,9 +164,9 @@ def test_tta_flag_reproduces_the_accuracies_recorded_by_train(trained_fast94):
     weights, data = trained_fast94
     recorded = torch.load(weights, weights_only=True)
     with_tta = run_script("inference.py", "--weights", weights, "--data-dir", data, "--json",
-                          "--tta", "--device", "cpu")
+                          "--tta", *CPU_FP32)
     without = run_script("inference.py", "--weights", weights, "--data-dir", data, "--json",
-                         "--device", "cpu")
+                         *CPU_FP32)
     assert with_tta.returncode == 0 and without.returncode == 0, with_tta.stderr + without.stderr
     assert json.loads(with_tta.stdout)["tta"] == 2 and json.loads(without.stdout)["tta"] == 0
     # train.py records a float32 mean, inference.py a count ratio: equal to float32 precision.
@@ -194,7 +194,7 @@ def test_tta_on_image_files_averages_the_augmented_views(trained_fast94, tmp_pat
 def test_native_conv_gives_the_hand_written_convs_report(trained_fast94):
     weights, data = trained_fast94
     reports = [run_script("inference.py", "--weights", weights, "--data-dir", data, "--json",
-                          "--device", "cpu", "--conv", conv) for conv in ("hand", "native")]
+                          *CPU_FP32, "--conv", conv) for conv in ("hand", "native")]
     assert all(r.returncode == 0 for r in reports), [r.stderr for r in reports]
     hand, native = (json.loads(r.stdout) for r in reports)
     assert hand["confusion"] == native["confusion"]      # every prediction the same

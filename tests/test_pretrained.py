@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from conftest import run_script, write_cifar10
+from conftest import CPU_FP32, run_script, write_cifar10
 from model import Conv2d
 from pretrained import (BACKBONES, Conv2dTFSame, PretrainedError, classifier, lite_state_dict,
                         load_backbone, swap_convs, tf_same_pads)
@@ -110,7 +110,7 @@ def test_fine_tuning_runs_end_to_end_and_inference_reproduces_it(dataset, tmp_pa
     out = tmp_path / "run"
     result = run_script("train.py", "--pretrained", "efficientnet_lite0", "--image-size", "48",
                         "--dataset", dataset, "--epochs", "1", "--batch-size", "16",
-                        "--val-size", "0", "--tta", "0", "--device", "cpu", "--data-dir", data,
+                        "--val-size", "0", "--tta", "0", *CPU_FP32, "--data-dir", data,
                         "--out", out)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"done: finetune (efficientnet_lite0) on {dataset}, 1 epochs")
@@ -121,7 +121,7 @@ def test_fine_tuning_runs_end_to_end_and_inference_reproduces_it(dataset, tmp_pa
     classes = 100 if dataset == "cifar100" else 10
     assert weights["state_dict"]["net.classifier.weight"].shape == (classes, 1280)
     report = run_script("inference.py", "--weights", out / "weights.pt", "--data-dir", data,
-                        "--device", "cpu", "--json")
+                        *CPU_FP32, "--json")
     assert report.returncode == 0, report.stderr
     assert f'"accuracy": {weights["test_accuracy"]}' in report.stdout
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SRC, run_script, write_cifar10
+from conftest import CPU_FP32, SRC, run_script, write_cifar10
 from data import load_cifar, normalize
 from model import build_model, whitening_filters
 from train import (get_args, lookahead_decay, lookahead_pull, lookahead_state, lr_factor,
                    make_optimizers)
 
-TINY = ["--val-size", "20", "--batch-size", "32", "--device", "cpu"]
+TINY = ["--val-size", "20", "--batch-size", "32", *CPU_FP32]
 
 
 def test_one_epoch_writes_logs_checkpoint_and_weights(cifar10_dir, tmp_path):
@@ -63,7 +63,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(preset, tmp_path):
     assert torch.load(resumed / "checkpoint.pt", weights_only=True)["epoch"] == 0
     assert not (resumed / "weights.pt").exists()
 
-    result = run_script("train.py", "--resume", resumed, "--device", "cpu")
+    result = run_script("train.py", "--resume", resumed, *CPU_FP32)
     assert result.returncode == 0, result.stderr
     assert f"resuming {resumed} after epoch 1" in result.stderr
     a = torch.load(straight / "weights.pt", weights_only=True)["state_dict"]
@@ -108,7 +108,7 @@ def test_bad_flags_are_one_line(args, message, tmp_path):
 
 
 def test_missing_dataset_is_one_line(tmp_path):
-    result = run_script("train.py", "--data-dir", tmp_path / "nowhere", "--device", "cpu",
+    result = run_script("train.py", "--data-dir", tmp_path / "nowhere", *CPU_FP32,
                         "--out", tmp_path / "run", cwd=tmp_path)
     assert result.returncode == 2
     line, = result.stderr.splitlines()
@@ -117,14 +117,14 @@ def test_missing_dataset_is_one_line(tmp_path):
 
 
 def test_resume_without_checkpoint(tmp_path):
-    result = run_script("train.py", "--resume", tmp_path, "--device", "cpu")
+    result = run_script("train.py", "--resume", tmp_path, *CPU_FP32)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: no checkpoint at {tmp_path / 'checkpoint.pt'}"
 
 
 def test_corrupt_checkpoint_is_one_line(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
-    result = run_script("train.py", "--resume", tmp_path, "--device", "cpu")
+    result = run_script("train.py", "--resume", tmp_path, *CPU_FP32)
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: cannot read checkpoint {tmp_path / 'checkpoint.pt'}: ")
     assert len(result.stderr.splitlines()) == 1
@@ -133,7 +133,7 @@ def test_corrupt_checkpoint_is_one_line(tmp_path):
 def test_cifar100_trains_end_to_end(cifar100_dir, tmp_path):
     out = tmp_path / "run100"
     result = run_script("train.py", "--dataset", "cifar100", "--epochs", "1", "--val-size", "100",
-                        "--batch-size", "50", "--device", "cpu", "--data-dir", cifar100_dir,
+                        "--batch-size", "50", *CPU_FP32, "--data-dir", cifar100_dir,
                         "--out", out)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("done: seed on cifar100, 1 epochs")
@@ -149,14 +149,14 @@ def test_cifar100_presets_train_and_report_per_class(preset, head, cifar100_dir,
     inference's report under the meta file's class names."""
     out = tmp_path / "run100"
     result = run_script("train.py", "--preset", preset, "--dataset", "cifar100", "--epochs", "1",
-                        "--batch-size", "100", "--device", "cpu", "--data-dir", cifar100_dir,
+                        "--batch-size", "100", *CPU_FP32, "--data-dir", cifar100_dir,
                         "--out", out)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"done: {preset} on cifar100, 1 epochs")
     weights = torch.load(out / "weights.pt", weights_only=True)
     assert weights["state_dict"][head].shape[0] == 100
     report = run_script("inference.py", "--weights", out / "weights.pt", "--data-dir",
-                        cifar100_dir, "--device", "cpu", "--json")
+                        cifar100_dir, *CPU_FP32, "--json")
     assert report.returncode == 0, report.stderr
     per_class = json.loads(report.stdout)["per_class"]
     assert list(per_class) == [f"class_{i:02d}" for i in range(100)]
@@ -164,7 +164,7 @@ def test_cifar100_presets_train_and_report_per_class(preset, head, cifar100_dir,
 
 def test_foreign_checkpoint_is_one_line(tmp_path):
     torch.save({"model": {}}, tmp_path / "checkpoint.pt")
-    result = run_script("train.py", "--resume", tmp_path, "--device", "cpu")
+    result = run_script("train.py", "--resume", tmp_path, *CPU_FP32)
     assert result.returncode == 2
     assert result.stderr == (f"error: {tmp_path / 'checkpoint.pt'} is not a checkpoint of "
                              f"this repo (expected keys model, optimizer, scheduler, epoch, rng, "
@@ -179,7 +179,7 @@ def test_fast94_trains_end_to_end_with_whitening_and_tta(tmp_path):
     write_cifar10(data, per_file=40, n_test=30)
     out = tmp_path / "run"
     result = run_script("train.py", "--preset", "fast94", "--epochs", "2", "--batch-size", "50",
-                        "--device", "cpu", "--data-dir", data, "--out", out)
+                        *CPU_FP32, "--data-dir", data, "--out", out)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("done: fast94 on cifar10, 2 epochs in ")
     assert " with TTA 2 (" in result.stdout and "200 train / 0 val images" in result.stderr
@@ -277,7 +277,7 @@ def test_wider_and_residual_presets_train_end_to_end(preset, cutout, crop_pad, t
     data = str(tmp_path / "data")
     write_cifar10(data, per_file=40, n_test=10)
     result = run_script("train.py", "--preset", preset, "--epochs", "1", "--batch-size", "100",
-                        "--device", "cpu", "--data-dir", data, "--out", tmp_path / "run")
+                        *CPU_FP32, "--data-dir", data, "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"done: {preset} on cifar10, 1 epochs in ")
     assert torch.load(tmp_path / "run" / "weights.pt", weights_only=True)["model"] == preset
