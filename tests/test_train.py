@@ -99,6 +99,8 @@ def test_diverging_loss_stops_with_a_clear_message(cifar10_dir, tmp_path):
     (["--resume", "x", "--runs", "2"], "error: train.py: --resume continues one run; it cannot "
                                        "be combined with --runs (see --help)"),
     (["--device", "tpu"], "error: unknown device 'tpu'; choose from auto, cpu, cuda, xpu, mps"),
+    (["--precision", "fp8"], "error: train.py: argument --precision: invalid choice: 'fp8' "
+                             "(choose from {0}auto{0}, {0}fp32{0}, {0}bf16{0}) (see --help)"),
 ])
 def test_bad_flags_are_one_line(args, message, tmp_path):
     result = run_script("train.py", *args, cwd=tmp_path)   # no data/ there: flags fail first
