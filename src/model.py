@@ -83,7 +83,8 @@ def _weight_rows(weight, groups):
 
 def _onednn_matmul_available(dtype):
     """Whether oneDNN's matmul runs `dtype` here: float32 wherever oneDNN is built in, bf16
-    only on CPUs with bf16 instructions (AVX512-BF16 or AMX; elsewhere oneDNN refuses it)."""
+    where torch says oneDNN takes it (x86 CPUs from AVX-512 up, natively with AVX512-BF16 or
+    AMX; AVX2-only CPUs are refused)."""
     if not (hasattr(torch.ops.mkldnn, "_linear_pointwise") and
             torch.backends.mkldnn.is_available()):
         return False
@@ -457,9 +458,10 @@ def conv2d_unfold(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     if x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"Conv2d expects {weight.shape[1] * groups} input channels, "
                          f"got {x.shape[1]}")
-    # Under autocast the matmuls run in the autocast dtype, as cuDNN's convolution would.
+    # Under autocast the matmuls run in the autocast dtype, as cuDNN's and oneDNN's convolutions
+    # would; float64, which autocast leaves alone, stays float64.
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None

@@ -24,7 +24,7 @@ def cpu_has(feature):
 
 def cpu_has_amx():
     override = os.environ.get(AMX_OVERRIDE)
-    if override is not None:
+    if override:
         if override not in ("0", "1"):
             raise ValueError(f"{AMX_OVERRIDE} must be 0 or 1, got {override!r}")
         return override == "1"
@@ -34,9 +34,9 @@ def cpu_has_amx():
 def pick_precision(flag, device):
     """(autocast dtype or None for float32, the reason in a few words) for a --precision flag.
 
-    auto is bf16 on CUDA (tensor cores) and on CPUs with AMX (bf16 matmuls about 7x float32),
-    float32 elsewhere: without AMX a CPU's bf16 products gain little or, without AVX512-BF16,
-    run many times slower than float32."""
+    auto is bf16 on CUDA (tensor cores) and on CPUs with AMX (bf16 matmuls several times
+    float32's rate), float32 elsewhere: with AVX512-BF16 alone bf16 gains less, and without it
+    bf16 is emulated, many times slower than float32."""
     if flag not in CHOICES:
         raise ValueError(f"unknown precision {flag!r}; choose from {', '.join(CHOICES)}")
     if flag == "fp32":
@@ -45,7 +45,7 @@ def pick_precision(flag, device):
         if device.type not in ("cpu", "cuda", "xpu"):
             raise ValueError(f"--precision bf16 is not supported on {device.type}")
         if device.type == "cpu" and not (cpu_has_amx() or cpu_has("avx512_bf16")):
-            return torch.bfloat16, "--precision bf16; this CPU has no bf16 matrix units, slow"
+            return torch.bfloat16, "--precision bf16; no AMX or AVX512-BF16 here: slow"
         return torch.bfloat16, "--precision bf16"
     if device.type == "cuda":
         return torch.bfloat16, "CUDA"

@@ -145,10 +145,10 @@ def get_args(argv=None):
                    help="training images held out for validation, stratified (0: none)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="bf16: matmuls in bf16 under autocast (weights, optimiser, BatchNorm "
-                        "statistics and loss stay float32); auto: bf16 on CUDA and on CPUs with "
-                        "AMX, fp32 elsewhere")
+                        "statistics and loss stay float32); auto (default): bf16 on CUDA and on "
+                        "CPUs with AMX, fp32 elsewhere; --resume: the run's own unless given")
     p.add_argument("--out", help="run folder (default: runs/<preset>-<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     p.add_argument("--dist-timeout", type=float, default=300,
@@ -325,9 +325,13 @@ def train(args):
     if args.resume:
         resume_ckpt = load_torch_file(os.path.join(args.resume, "checkpoint.pt"), "checkpoint",
                                       CHECKPOINT_KEYS)
-        run_dir, device_flag = args.resume, args.device
-        args.__dict__.update(resume_ckpt["args"])       # the run continues with its own flags
+        run_dir, device_flag, precision_flag = args.resume, args.device, args.precision
+        # The run continues with its own flags, and in its own precision unless told otherwise
+        # (a checkpoint from before --precision existed ran float32 on the CPU).
+        args.__dict__.update({"precision": "fp32", **resume_ckpt["args"]})
         args.resume, args.out, args.device = run_dir, run_dir, device_flag
+        args.precision = precision_flag or args.precision
+    args.precision = args.precision or "auto"
 
     # A bad --device or dataset fails with its one line before anything else is printed.
     device = distributed.init(pick_device(args.device, verbose=False), args.dist_timeout)
