@@ -413,11 +413,14 @@ class _DepthwiseConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, pads, dilation, out_hw):
         xp = _pad_channels_last(x, pads).permute(0, 2, 3, 1)                # (N, Hp, Wp, C)
         taps = weight[:, 0]                                                  # (C, kh, kw)
-        shape, acc_dtype = (x.shape[0], *out_hw, x.shape[1]), _accumulator(x.dtype)
-        out = (xp.new_zeros(shape, dtype=acc_dtype) if bias is None else
-               bias.to(acc_dtype).expand(shape).clone())
+        out = None
         for p, q, view in _tap_views(xp, weight.shape[2:], stride, dilation, out_hw):
-            out.addcmul_(view, taps[:, p, q])
+            if out is None:      # the first tap writes the sum, in `_accumulator`'s dtype
+                first = view * taps[:, p, q] if bias is None else torch.addcmul(bias, view,
+                                                                                taps[:, p, q])
+                out = first.to(_accumulator(x.dtype))
+            else:
+                out.addcmul_(view, taps[:, p, q])
         ctx.save_for_backward(xp, weight)
         ctx.geometry = (x.shape, stride, pads, dilation, out_hw, bias is not None)
         return out.to(x.dtype).permute(0, 3, 1, 2)                           # channels-last
