@@ -408,9 +408,8 @@ def network_table(args, device, dtype, names):
               f"{seconds['hand'] / seconds['native']:.2f} |", flush=True)
 
 
-def conv_benchmark(args, device):
+def conv_benchmark(args, device, dtype, why):
     names = sorted(MODELS) if args.models == "all" else args.models.split(",")
-    dtype, why = pick_precision(args.precision, device)
     mode = "bf16 autocast, channels_last" if dtype is not None else "float32"
     print(f"Hand-written Conv2d ({args.hand_variant}) vs native, {describe(device)}, {mode} "
           f"({describe_precision(dtype, why)}), torch {torch.__version__}, "
@@ -464,13 +463,11 @@ def main(argv=None):
         return print_cpu_peaks(args.peak_of)
     try:
         device = pick_device(args.device)
+        precision = pick_precision(args.precision, device) if args.conv else None
     except ValueError as e:
         cli.fail(str(e))
     if args.conv:
-        try:
-            conv_benchmark(args, device)
-        except ValueError as e:       # a precision this device cannot run
-            cli.fail(str(e))
+        conv_benchmark(args, device, *precision)
     else:
         args.batch_size = args.batch_size or 128
         timing_study(args, device)
