@@ -1,7 +1,8 @@
 """CIFAR-10 / CIFAR-100 held in memory as one uint8 tensor, and batch-wise preprocessing.
 
 Reading: the official "python version" layouts are unpickled here directly, so any copy in that
-layout works (torchvision's md5 check of extracted files would reject re-encoded copies).
+layout works (torchvision's md5 check of extracted files would reject re-encoded copies), pickled
+by Python 2 (bytes keys, as the official files) or by Python 3 (str keys, as many re-creations).
 torchvision is used only to download (and checksum) the archive when the folder is missing.
 
 Preprocessing happens on whole batches on the training device: uint8 -> float, normalise with
@@ -19,9 +20,9 @@ DATASETS = {
         "folder": "cifar-10-batches-py",
         "train_files": [f"data_batch_{i}" for i in range(1, 6)],
         "test_files": ["test_batch"],
-        "label_key": b"labels",
+        "label_key": "labels",
         "meta_file": "batches.meta",
-        "names_key": b"label_names",
+        "names_key": "label_names",
         "num_classes": 10,
         "download": "CIFAR10",
         "pretty": "CIFAR-10",
@@ -30,9 +31,9 @@ DATASETS = {
         "folder": "cifar-100-python",
         "train_files": ["train"],
         "test_files": ["test"],
-        "label_key": b"fine_labels",
+        "label_key": "fine_labels",
         "meta_file": "meta",
-        "names_key": b"fine_label_names",
+        "names_key": "fine_label_names",
         "num_classes": 100,
         "download": "CIFAR100",
         "pretty": "CIFAR-100",
@@ -61,21 +62,25 @@ def load_torch_file(path, kind, keys):
 
 
 def _unpickle(path):
+    """The pickled object; a dict's bytes keys (Python 2 pickles) become str."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            obj = pickle.load(f, encoding="bytes")
     except FileNotFoundError:
         raise DataError(f"missing dataset file {path}") from None
     except Exception as e:  # truncated or not a pickle at all
         raise DataError(f"corrupt dataset file {path}: {type(e).__name__}: {e}") from None
+    if isinstance(obj, dict):
+        obj = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    return obj
 
 
 def _read_batch(path, label_key, num_classes):
     d = _unpickle(path)
-    if not isinstance(d, dict) or b"data" not in d or label_key not in d:
+    if not isinstance(d, dict) or "data" not in d or label_key not in d:
         raise DataError(f"corrupt dataset file {path}: expected a dict with "
-                        f"'data' and '{label_key.decode()}'")
-    data = np.asarray(d[b"data"])
+                        f"'data' and '{label_key}'")
+    data = np.asarray(d["data"])
     labels = np.asarray(d[label_key])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"corrupt dataset file {path}: 'data' is {data.dtype} {data.shape}, "

@@ -81,7 +81,11 @@ def read_image(path):
     try:
         with Image.open(path) as img:
             img = img.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except Image.DecompressionBombError:
+        raise DataError(f"image too large: {path} (over {2 * Image.MAX_IMAGE_PIXELS:,} "
+                        f"pixels, PIL's limit against decompression bombs)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        # PIL reports some broken files as SyntaxError or EOFError rather than OSError.
         raise DataError(f"not a readable image: {path} ({type(e).__name__})") from None
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(32, 32, 3) \
         .permute(2, 0, 1)

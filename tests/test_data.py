@@ -44,6 +44,24 @@ def _rewrite(folder, name, change):
     return path
 
 
+def test_python3_pickles_read_as_the_official_python2_ones(cifar10_dir, tmp_path):
+    # Re-created copies are often pickled by Python 3: str keys and class names.
+    official = load_cifar(cifar10_dir, download=False)
+    folder = os.path.join(cifar10_dir, "cifar-10-batches-py")
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        d = {k.decode(): [v.decode() for v in vs] if k == b"label_names" else vs
+             for k, vs in d.items()}
+        with open(path, "wb") as f:
+            pickle.dump(d, f)   # the current protocol, str keys
+    python3 = load_cifar(cifar10_dir, download=False)
+    assert python3["classes"] == official["classes"] == CIFAR10_CLASSES
+    for key in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(python3[key], official[key]), key
+
+
 def test_truncated_file_is_named(cifar10_dir):
     path = os.path.join(cifar10_dir, "cifar-10-batches-py", "data_batch_3")
     with open(path, "rb") as f:

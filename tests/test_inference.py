@@ -106,6 +106,8 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path):
     garbage.write_bytes(b"\x00" * 100)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weight": torch.zeros(3)}, foreign)
+    bomb = tmp_path / "bomb.png"     # 196 million pixels: over PIL's limit, a few KB on disk
+    Image.new("1", (14000, 14000)).save(bomb)
     mismatched = tmp_path / "mismatched.pt"
     w = torch.load(weights, weights_only=True)
     del w["state_dict"]["fc3.bias"]
@@ -115,6 +117,8 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path):
          f"error: no such image file: {tmp_path / 'missing.png'}"),
         (["--weights", weights, text], f"error: not a readable image: {text} "
                                        f"(UnidentifiedImageError)"),
+        (["--weights", weights, bomb], f"error: image too large: {bomb} (over 178,956,970 "
+                                       f"pixels, PIL's limit against decompression bombs)"),
         (["--weights", tmp_path / "none.pt"], f"error: no weights file at {tmp_path / 'none.pt'}"),
         (["--weights", garbage], f"error: cannot read weights file {garbage}: UnpicklingError"),
         (["--weights", foreign], f"error: {foreign} is not a weights file of this repo "
