@@ -9,6 +9,7 @@ Every epoch logs to TensorBoard (in the run folder) and writes a checkpoint atom
 `--resume RUN_DIR` continues exactly where an interrupted run stopped. The same script runs
 data-parallel under `torchrun --nproc_per_node=N` (see distributed.py).
 """
+import contextlib
 import math
 import os
 import sys
@@ -187,10 +188,41 @@ def get_args(argv=None):
 
 
 def atomic_save(obj, path):
-    """Write to a temp file beside `path`, then rename: a crash never leaves half a file."""
+    """Write to a temp file beside `path`, then rename: a crash or a failed write (disk full,
+    file-size limit, read-only folder) never leaves half a file, and a file already at `path`
+    stays as it was."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:   # torch.save reports a failed write as RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else \
+            "the write failed: disk full or a file-size limit?"
+        kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
+        raise OSError(f"could not write {path} ({why}); {kept}") from None
+
+
+def lock_run_folder(folder):
+    """Hold an exclusive lock on FOLDER/.lock while the returned file stays open, so that a
+    second run on the same folder refuses to start. The OS drops the lock when the process
+    ends, however it ends: a killed run leaves none behind, and no process id is trusted."""
+    import fcntl   # Unix only, as run.sh
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise OSError(f"another run (process {holder}) is writing {folder}; wait for it to "
+                      f"end or give another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def rng_states(data_gen):
@@ -301,6 +333,15 @@ def lr_factor(step, total, args):
     if args.decay == "cosine":
         return args.lr_end + (1 - args.lr_end) * (1 + math.cos(math.pi * progress)) / 2
     return 1 + (args.lr_end - 1) * progress
+
+
+def kept_checkpoint(args, epoch):
+    """What a run that stops in `epoch` leaves to resume from (said in its last line)."""
+    if epoch == 0:
+        return ""
+    path = os.path.join(args.out, "checkpoint.pt")
+    return (f"; {path} (after epoch {epoch}) is kept: python src/train.py --resume {args.out} "
+            f"continues from it")
 
 
 def lookahead_state(model):
@@ -440,9 +481,10 @@ def train(args):
         model.load_state_dict(saved)
         log(f"compiled in {compile_clock():.1f}s (not counted in the times below)")
 
-    writer = None
+    writer = lock = None
     if main_process:
         os.makedirs(args.out, exist_ok=True)
+        lock = lock_run_folder(args.out)   # held until this function returns
         writer = SummaryWriter(args.out)
     local_batch = args.batch_size // world
     log(f"{run_label(args)}: {sum(p.numel() for p in model.parameters()):,} "
@@ -496,7 +538,7 @@ def train(args):
                 if not math.isfinite(running):
                     raise FloatingPointError(
                         f"training loss became {running} in epoch {epoch + 1}; "
-                        f"try a lower --lr (now {args.lr})")
+                        f"try a lower --lr (now {args.lr})" + kept_checkpoint(args, epoch))
                 bar.set_postfix(loss=f"{running:.3f}")
         bar.close()
         if slow is not None and epoch == args.epochs - 1:
@@ -556,6 +598,8 @@ def train(args):
               f"{time.perf_counter() - started:.0f}s on {describe(device)}{processes} "
               f"({timed_seconds:.1f}s of whitening, training steps and test evaluation); test "
               f"accuracy {test_acc:.4f}{tta_note}; weights {weights_path}")
+    if lock is not None:
+        lock.close()
     return {"accuracy": test_acc, "accuracy_without_tta": test_acc_plain,
             "seconds": timed_seconds}
 

@@ -1,6 +1,8 @@
 """Training end to end on tiny synthetic CIFAR files: logs, checkpoints, weights, resume."""
 import json
 import os
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import CPU_FP32, SRC, run_script, write_cifar10
 from data import load_cifar, normalize
 from model import build_model, whitening_filters
-from train import (get_args, lookahead_decay, lookahead_pull, lookahead_state, lr_factor,
+from train import (atomic_save, get_args, lookahead_decay, lookahead_pull, lookahead_state, lr_factor,
                    make_optimizers)
 
 TINY = ["--val-size", "20", "--batch-size", "32", *CPU_FP32]
@@ -82,6 +84,73 @@ def test_diverging_loss_stops_with_a_clear_message(cifar10_dir, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_nan_in_a_later_epoch_keeps_the_last_checkpoint_and_says_how_to_resume(cifar10_dir,
+                                                                            tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train.py", "--epochs", "1", "--data-dir", cifar10_dir, "--out", out,
+                      *TINY).returncode == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["args"]["epochs"] = 2                   # one more epoch, from poisoned weights
+    ckpt["model"]["fc3.bias"][0] = float("nan")
+    torch.save(ckpt, out / "checkpoint.pt")
+    before = (out / "checkpoint.pt").read_bytes()
+    result = run_script("train.py", "--resume", out, *CPU_FP32)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"error: training loss became nan in epoch 2; try a lower --lr (now 0.05); "
+        f"{out / 'checkpoint.pt'} (after epoch 1) is kept: python src/train.py --resume {out} "
+        f"continues from it")
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path):
+    # A file-size limit makes the write fail (SIGXFSZ ignored, as a full disk would).
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"epoch": 1}, str(path))
+    before = path.read_bytes()
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, old_limit[1]))
+    try:
+        with pytest.raises(OSError, match=re.escape(
+                f"could not write {path} (the write failed: disk full or a file-size "
+                f"limit?); the previous one is kept")):
+            atomic_save({"epoch": 2, "weights": torch.zeros(1 << 16)}, str(path))
+        with pytest.raises(OSError, match=re.escape(
+                f"could not write {tmp_path / 'new.pt'} (the write failed: disk full or a "
+                f"file-size limit?); nothing was written")):
+            atomic_save({"weights": torch.zeros(1 << 16)}, str(tmp_path / "new.pt"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_a_second_run_on_a_live_run_folder_refuses(tmp_path):
+    data = str(tmp_path / "data")
+    write_cifar10(data, per_file=200, n_test=20)
+    out = tmp_path / "run"
+    args = ["--epochs", "3", "--data-dir", data, "--out", out, *TINY]
+    first = subprocess.Popen([sys.executable, os.path.join(SRC, "train.py"), *args],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (out / "checkpoint.pt").exists() and first.poll() is None:
+            time.sleep(0.01)
+        second = run_script("train.py", *args)
+        assert first.poll() is None, "the first run ended before the second one started"
+        assert second.returncode == 2
+        assert second.stderr.splitlines()[-1] == (f"error: another run (process {first.pid}) is "
+                                         f"writing {out}; wait for it to end or give another "
+                                         f"--out")
+    finally:
+        first.kill()
+        first.wait()
+    # A killed run leaves no stale lock: its run resumes.
+    resumed = run_script("train.py", "--resume", out, *CPU_FP32)
+    assert resumed.returncode == 0, resumed.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--bogus"], "error: train.py: unrecognized arguments: --bogus (see --help)"),
     (["--epochs", "two"], "error: train.py: argument --epochs: invalid int value: 'two' "
@@ -99,6 +168,7 @@ def test_diverging_loss_stops_with_a_clear_message(cifar10_dir, tmp_path):
     (["--resume", "x", "--runs", "2"], "error: train.py: --resume continues one run; it cannot "
                                        "be combined with --runs (see --help)"),
     (["--device", "tpu"], "error: unknown device 'tpu'; choose from auto, cpu, cuda, xpu, mps"),
+    (["--grad-clip", "-1"], "error: train.py: --grad-clip must be at least 0 (see --help)"),
     (["--precision", "fp8"], "error: train.py: argument --precision: invalid choice: 'fp8' "
                              "(choose from {0}auto{0}, {0}fp32{0}, {0}bf16{0}) (see --help)"),
 ])
@@ -244,6 +314,37 @@ def test_lr_schedule_is_piecewise_linear():
     assert lr_factor(23, 100, args) == pytest.approx(1.0)
     assert lr_factor(99, 100, args) == pytest.approx(0.07)
     assert lr_factor(61, 100, args) == pytest.approx(1 - 0.93 * 38 / 76)
+    # The scheduler steps once more after the last step: the factor stays at its end value.
+    assert lr_factor(100, 100, args) == pytest.approx(0.07)
+    assert min(lr_factor(s, total, get_args([])) for total in (1, 2, 3, 16, 61)
+               for s in range(total + 2)) == pytest.approx(0.001)
+
+
+def test_short_seed_run_logs_the_lr_each_epoch_used(cifar10_dir, tmp_path):
+    out = tmp_path / "run"   # 2 epochs of 5 steps: the linear decay ends at the last step
+    result = run_script("train.py", "--epochs", "2", "--data-dir", cifar10_dir, "--out", out,
+                        *TINY)
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(out))
+    events.Reload()
+    args = get_args(["--epochs", "2"])
+    expected = [0.05 * lr_factor(s, 10, args) for s in (4, 9)]
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx(expected, rel=1e-6)
+    assert expected[1] == pytest.approx(0.05 * 0.001)
+
+
+def test_gradient_clipping_keeps_a_high_lr_seed_run_finite(tmp_path):
+    # Without clipping, the seed net diverged at its own LR on some CPUs in runs this short;
+    # at 4x the LR it diverges here on any CPU. Clipped (the preset's default), it trains.
+    data = str(tmp_path / "data")
+    write_cifar10(data, per_file=200, n_test=20)
+    args = ["--epochs", "2", "--lr", "0.2", "--data-dir", data, *TINY]
+    unclipped = run_script("train.py", *args, "--grad-clip", "0", "--out", tmp_path / "a")
+    assert unclipped.returncode == 2 and "training loss became nan" in unclipped.stderr
+    clipped = run_script("train.py", *args, "--out", tmp_path / "b")
+    assert clipped.returncode == 0, clipped.stderr
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert ckpt["args"]["grad_clip"] == 5.0
 
 
 def test_lookahead_pull_moves_the_slow_copy_then_resets_the_weights():
