@@ -12,6 +12,7 @@ data-parallel under `torchrun --nproc_per_node=N` (see distributed.py).
 import contextlib
 import math
 import os
+import signal
 import sys
 import time
 
@@ -204,6 +205,29 @@ def atomic_save(obj, path):
         raise OSError(f"could not write {path} ({why}); {kept}") from None
 
 
+class Stopped(Exception):
+    """Training stopped on a signal after saving a checkpoint; the message says how to resume."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_code = 128 + signum   # the shell's code for a process ended by that signal
+
+
+@contextlib.contextmanager
+def deferred_stop_signals():
+    """While training runs, SIGTERM and SIGINT (a cluster preempting the job, Ctrl-C) only
+    record themselves in the yielded list: the loop stops at the next step boundary, once a
+    checkpoint of that step is on disk. A second signal while it saves changes nothing."""
+    received = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def lock_run_folder(folder):
     """Hold an exclusive lock on FOLDER/.lock while the returned file stays open, so that a
     second run on the same folder refuses to start. The OS drops the lock when the process
@@ -369,6 +393,12 @@ def run_label(args):
 
 
 def train(args):
+    """One training run, stopping at a step boundary on SIGTERM or SIGINT (see `Stopped`)."""
+    with deferred_stop_signals() as received:
+        return train_until_stopped(args, received)
+
+
+def train_until_stopped(args, received):
     from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
 
     resume_ckpt = None
@@ -445,7 +475,7 @@ def train(args):
         opt, lambda step: lr_factor(step, total_steps, args)) for opt in optimizers]
     slow = [t.clone() for t in lookahead_state(model)] if args.lookahead else None
 
-    start_epoch = 0
+    start_epoch, partial = 0, None
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt["model"])
         for key, objects in (("optimizer", optimizers), ("scheduler", schedulers)):
@@ -458,7 +488,9 @@ def train(args):
         if slow is not None:
             torch._foreach_copy_(slow, [t.to(device) for t in resume_ckpt["lookahead"]])
         start_epoch = resume_ckpt["epoch"] + 1
-        log(f"resuming {args.out} after epoch {start_epoch}")
+        partial = resume_ckpt.get("partial")   # a run stopped by a signal within an epoch
+        log(f"resuming {args.out} in epoch {start_epoch + 1} after step {partial['steps']}"
+            if partial else f"resuming {args.out} after epoch {start_epoch}")
 
     def step_model_for(model):
         """What the training step calls: the model, in DDP under torchrun, compiled with
@@ -492,6 +524,41 @@ def train(args):
         f"steps per epoch" + (f" of {world} x {local_batch} images" if world > 1 else "")
         + f", logs in {args.out}")
 
+    def save_checkpoint(completed_epoch, partial=None):
+        """Everything a resume needs (every rank calls it; rank 0 writes). `partial`: the
+        steps, batch order and loss sums of a stopped epoch."""
+        rng = rng_states(data_gen)
+        if world > 1:    # the dropout streams differ per rank; a resume restores each
+            rng["torch_ranks"] = distributed.all_gather(torch.get_rng_state())
+        if main_process:
+            atomic_save({"model": model.state_dict(),
+                         "optimizer": [opt.state_dict() for opt in optimizers],
+                         "scheduler": [sched.state_dict() for sched in schedulers],
+                         "epoch": completed_epoch, "rng": rng, "args": vars(args),
+                         "lookahead": [t.cpu() for t in slow] if slow is not None else [],
+                         **({"partial": partial} if partial else {})},
+                        os.path.join(args.out, "checkpoint.pt"))
+
+    def stop_requested():
+        """Whether a signal asked to stop; under torchrun, whether any rank got one, so that
+        all ranks stop at the same step."""
+        if world == 1:
+            return bool(received)
+        return distributed.all_reduce_sum(
+            torch.tensor(float(len(received)), device=device)).item() > 0
+
+    def stopped(where):
+        name = signal.Signals(received[0]).name if received else "a signal"
+        return Stopped(f"stopped by {name} {where}; {os.path.join(args.out, 'checkpoint.pt')} "
+                       f"holds it: python src/train.py --resume {args.out} continues",
+                       received[0] if received else signal.SIGTERM)
+
+    def check_finite(running, epoch):
+        if not math.isfinite(running):
+            raise FloatingPointError(
+                f"training loss became {running} in epoch {epoch + 1}; "
+                f"try a lower --lr (now {args.lr})" + kept_checkpoint(args, epoch))
+
     started = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
         epoch_clock = stopwatch(device)
@@ -500,11 +567,17 @@ def train(args):
             model.whiten.bias.requires_grad_(epoch < args.whiten_bias_epochs)
         if world > 1 and trains != trainable():   # DDP tracks what trained when it was built
             step_model, trains = step_model_for(model), trainable()
-        perm = torch.randperm(len(train_x), generator=data_gen, device=device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   leave=False, file=sys.stderr, dynamic_ncols=True, disable=not main_process)
+        first = 0
+        if partial is not None and epoch == start_epoch:   # this epoch's order and sums so far
+            first, perm = partial["steps"], partial["perm"].to(device)
+            loss_sum, correct = (t.to(device) for t in partial["sums"])
+        else:
+            perm = torch.randperm(len(train_x), generator=data_gen, device=device)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device)
+        bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
+                   initial=first, total=steps_per_epoch, leave=False, file=sys.stderr,
+                   dynamic_ncols=True, disable=not main_process)
         for step in bar:
             idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
             # Every rank augments the whole global batch (the same random draws as one
@@ -535,11 +608,14 @@ def train(args):
             correct += (logits.argmax(1) == y).sum()
             if step % 50 == 49 or step == steps_per_epoch - 1:   # one device sync per 50 steps
                 running = loss_sum.item() / (step + 1)
-                if not math.isfinite(running):
-                    raise FloatingPointError(
-                        f"training loss became {running} in epoch {epoch + 1}; "
-                        f"try a lower --lr (now {args.lr})" + kept_checkpoint(args, epoch))
+                check_finite(running, epoch)
                 bar.set_postfix(loss=f"{running:.3f}")
+            if step < steps_per_epoch - 1 and stop_requested():
+                bar.close()
+                check_finite(loss_sum.item() / (step + 1), epoch)
+                save_checkpoint(epoch - 1, {"steps": step + 1, "perm": perm.cpu(),
+                                            "sums": [loss_sum.cpu(), correct.cpu()]})
+                raise stopped(f"in epoch {epoch + 1} after step {step + 1}/{steps_per_epoch}")
         bar.close()
         if slow is not None and epoch == args.epochs - 1:
             lookahead_pull(model, slow, 1.0)      # the final weights are the slow ones
@@ -558,20 +634,14 @@ def train(args):
                 val_loss, val_acc = evaluate(model, val_x, val_y, mean, std)
             scalars.update({"val/loss": val_loss, "val/accuracy": val_acc})
             line += f"  val loss {val_loss:.4f} acc {val_acc:.4f}"
-        rng = rng_states(data_gen)
-        if world > 1:    # the dropout streams differ per rank; a resume restores each
-            rng["torch_ranks"] = distributed.all_gather(torch.get_rng_state())
         log(f"{line}  {time.perf_counter() - started:.0f}s")
         if main_process:
             for name, value in scalars.items():
                 writer.add_scalar(name, value, epoch + 1)
             writer.flush()
-            atomic_save({"model": model.state_dict(),
-                         "optimizer": [opt.state_dict() for opt in optimizers],
-                         "scheduler": [sched.state_dict() for sched in schedulers],
-                         "epoch": epoch, "rng": rng, "args": vars(args),
-                         "lookahead": [t.cpu() for t in slow] if slow is not None else []},
-                        os.path.join(args.out, "checkpoint.pt"))
+        save_checkpoint(epoch)
+        if stop_requested():
+            raise stopped(f"after epoch {epoch + 1}")
     if writer is not None:
         writer.close()
 
@@ -628,6 +698,8 @@ def main(argv=None):
     args = get_args(argv)
     try:
         train_runs(args)
+    except Stopped as e:
+        cli.fail(str(e), e.exit_code)
     except (DataError, ValueError, FloatingPointError, OSError, PretrainedError) as e:
         cli.fail(str(e))
     except RuntimeError as e:

@@ -84,6 +84,43 @@ def test_diverging_loss_stops_with_a_clear_message(cifar10_dir, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("preset, signum", [("seed", signal.SIGTERM),
+                                            ("fast94", signal.SIGINT)])
+def test_stopped_by_a_signal_mid_epoch_and_resumed_ends_with_the_same_weights(preset, signum,
+                                                                               tmp_path):
+    data = str(tmp_path / "data")
+    write_cifar10(data, per_file=200, n_test=20)    # ~30 steps per epoch
+    args = ["--preset", preset, "--epochs", "2", "--data-dir", data, *TINY]
+    straight = tmp_path / "straight"
+    assert run_script("train.py", *args, "--out", straight).returncode == 0
+
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, os.path.join(SRC, "train.py"), *args,
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    while not list(out.glob("events.*")) and proc.poll() is None:   # training starts
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, stderr
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    steps = ckpt["partial"]["steps"]
+    assert ckpt["epoch"] == -1 and 1 <= steps < 30     # within epoch 1
+    assert stderr.splitlines()[-1] == (
+        f"error: stopped by {signal.Signals(signum).name} in epoch 1 after step {steps}/"
+        f"{len(ckpt['partial']['perm']) // 32}; {out / 'checkpoint.pt'} holds it: "
+        f"python src/train.py --resume {out} continues")
+    assert not (out / "weights.pt").exists() and not list(out.glob("*.tmp"))
+
+    result = run_script("train.py", "--resume", out, *CPU_FP32)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming {out} in epoch 1 after step {steps}" in result.stderr
+    a = torch.load(straight / "weights.pt", weights_only=True)["state_dict"]
+    b = torch.load(out / "weights.pt", weights_only=True)["state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_nan_in_a_later_epoch_keeps_the_last_checkpoint_and_says_how_to_resume(cifar10_dir,
                                                                             tmp_path):
     out = tmp_path / "run"
