@@ -172,14 +172,15 @@ def get_args(argv=None):
     if args.preset is None:
         args.preset = args.model if args.model in PRESETS else "seed"
     for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
+        # --resume keeps the run's clipping unless --grad-clip is given (see train())
+        if getattr(args, key, None) is None and not (args.resume and key == "grad_clip"):
             setattr(args, key, value)
     if min(args.epochs, args.batch_size, args.runs) < 1 or min(args.val_size, args.cutout) < 0:
         p.error("--epochs, --batch-size and --runs must be at least 1, --val-size and --cutout "
                 "at least 0")
     if args.resume and args.runs != 1:
         p.error("--resume continues one run; it cannot be combined with --runs")
-    if args.grad_clip < 0:
+    if (args.grad_clip or 0) < 0:
         p.error("--grad-clip must be at least 0")
     if not 0 <= args.label_smoothing < 1:
         p.error("--label-smoothing must be in [0, 1)")
@@ -200,7 +201,7 @@ def atomic_save(obj, path):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         why = e.strerror if isinstance(e, OSError) and e.strerror else \
-            "the write failed: disk full or a file-size limit?"
+            f"the write failed: disk full or a file-size limit? {str(e).splitlines()[0]}"
         kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
         raise OSError(f"could not write {path} ({why}); {kept}") from None
 
@@ -231,8 +232,12 @@ def deferred_stop_signals():
 def lock_run_folder(folder):
     """Hold an exclusive lock on FOLDER/.lock while the returned file stays open, so that a
     second run on the same folder refuses to start. The OS drops the lock when the process
-    ends, however it ends: a killed run leaves none behind, and no process id is trusted."""
-    import fcntl   # Unix only, as run.sh
+    ends, however it ends: a killed run leaves none behind, and no process id is trusted.
+    Where there is no flock (Windows, some network filesystems), runs go unlocked (None)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
     f = open(os.path.join(folder, ".lock"), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -242,6 +247,9 @@ def lock_run_folder(folder):
         f.close()
         raise OSError(f"another run (process {holder}) is writing {folder}; wait for it to "
                       f"end or give another --out") from None
+    except OSError:   # the filesystem has no locks
+        f.close()
+        return None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -359,13 +367,16 @@ def lr_factor(step, total, args):
     return 1 + (args.lr_end - 1) * progress
 
 
-def kept_checkpoint(args, epoch):
-    """What a run that stops in `epoch` leaves to resume from (said in its last line)."""
+def diverged_message(what, args, epoch):
+    """The last line of a run whose loss or weights stopped being finite in `epoch`: a lower
+    LR, or (after epoch 1) the kept checkpoint resumed with stronger gradient clipping."""
+    message = f"{what} in epoch {epoch + 1}; try a lower --lr (now {args.lr})"
     if epoch == 0:
-        return ""
-    path = os.path.join(args.out, "checkpoint.pt")
-    return (f"; {path} (after epoch {epoch}) is kept: python src/train.py --resume {args.out} "
-            f"continues from it")
+        return message
+    clip = args.grad_clip / 5 if args.grad_clip else 1.0
+    return (f"{message}, or continue from {os.path.join(args.out, 'checkpoint.pt')} (kept, "
+            f"from epoch {epoch}) with gradient clipping: python src/train.py --resume "
+            f"{args.out} --grad-clip {clip:g}")
 
 
 def lookahead_state(model):
@@ -405,13 +416,15 @@ def train_until_stopped(args, received):
     if args.resume:
         resume_ckpt = load_torch_file(os.path.join(args.resume, "checkpoint.pt"), "checkpoint",
                                       CHECKPOINT_KEYS)
-        run_dir, device_flag, precision_flag = args.resume, args.device, args.precision
-        # The run continues with its own flags, and in its own precision unless told otherwise
-        # (a checkpoint from before --precision and --grad-clip existed ran float32 on the
-        # CPU, without clipping).
+        run_dir, device_flag = args.resume, args.device
+        precision_flag, clip_flag = args.precision, args.grad_clip
+        # The run continues with its own flags, and in its own precision and clipping unless
+        # told otherwise (--grad-clip on a resume is the way on after a NaN); a checkpoint from
+        # before these flags existed ran float32 on the CPU, without clipping.
         args.__dict__.update({"precision": "fp32", "grad_clip": 0.0, **resume_ckpt["args"]})
         args.resume, args.out, args.device = run_dir, run_dir, device_flag
         args.precision = precision_flag or args.precision
+        args.grad_clip = args.grad_clip if clip_flag is None else clip_flag
     args.precision = args.precision or "auto"
 
     # A bad --device or dataset fails with its one line before anything else is printed.
@@ -424,6 +437,10 @@ def train_until_stopped(args, received):
                          f"evenly over {world} processes")
     dtype, why = pick_precision(args.precision, device)
     data = load_cifar(args.data_dir, args.dataset)
+    lock = None
+    if main_process:   # once the data is there, before anything is written
+        os.makedirs(args.out, exist_ok=True)
+        lock = lock_run_folder(args.out)   # held until this function returns
     log(f"device: {describe(device)}" + (f", {world} processes" if world > 1 else "")
         + f", {describe_precision(dtype, why)}")
     torch.manual_seed(args.seed)
@@ -513,10 +530,8 @@ def train_until_stopped(args, received):
         model.load_state_dict(saved)
         log(f"compiled in {compile_clock():.1f}s (not counted in the times below)")
 
-    writer = lock = None
+    writer = None
     if main_process:
-        os.makedirs(args.out, exist_ok=True)
-        lock = lock_run_folder(args.out)   # held until this function returns
         writer = SummaryWriter(args.out)
     local_batch = args.batch_size // world
     log(f"{run_label(args)}: {sum(p.numel() for p in model.parameters()):,} "
@@ -556,8 +571,11 @@ def train_until_stopped(args, received):
     def check_finite(running, epoch):
         if not math.isfinite(running):
             raise FloatingPointError(
-                f"training loss became {running} in epoch {epoch + 1}; "
-                f"try a lower --lr (now {args.lr})" + kept_checkpoint(args, epoch))
+                diverged_message(f"training loss became {running}", args, epoch))
+        # The loss is that of the weights before the epoch's last update: check those too.
+        if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+            raise FloatingPointError(diverged_message("the weights became inf or nan", args,
+                                                      epoch))
 
     started = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):

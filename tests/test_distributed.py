@@ -38,7 +38,7 @@ def test_two_processes_write_one_set_of_logs_checkpoint_and_weights(tmp_path):
     assert "179 train / 21 val images, 5 steps per epoch of 2 x 16 images" in result.stderr
 
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events.")) == [
-        "checkpoint.pt", "weights.pt"]
+        ".lock", "checkpoint.pt", "weights.pt"]
     assert len(list(out.glob("events.*"))) == 1
     events = EventAccumulator(str(out))
     events.Reload()
