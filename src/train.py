@@ -554,12 +554,13 @@ def train_until_stopped(args, received):
                          **({"partial": partial} if partial else {})},
                         os.path.join(args.out, "checkpoint.pt"))
 
-    def stop_requested():
-        """Whether a signal asked to stop; under torchrun, whether any rank got one, so that
-        all ranks stop at the same step."""
+    def stop_requested(epoch_end=False):
+        """Whether a signal asked to stop. Under torchrun, whether any rank got one, asked at
+        epoch ends only, so that all ranks stop together (an all-reduce after every step made
+        a rank abort now and then at exit)."""
         if world == 1:
             return bool(received)
-        return distributed.all_reduce_sum(
+        return epoch_end and distributed.all_reduce_sum(
             torch.tensor(float(len(received)), device=device)).item() > 0
 
     def stopped(where):
@@ -658,7 +659,7 @@ def train_until_stopped(args, received):
                 writer.add_scalar(name, value, epoch + 1)
             writer.flush()
         save_checkpoint(epoch)
-        if stop_requested():
+        if stop_requested(epoch_end=True):
             raise stopped(f"after epoch {epoch + 1}")
     if writer is not None:
         writer.close()
