@@ -15,8 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import CPU_FP32, SRC, run_script, write_cifar10
 from data import load_cifar, normalize
 from model import build_model, whitening_filters
-from train import (atomic_save, get_args, lookahead_decay, lookahead_pull, lookahead_state, lr_factor,
-                   make_optimizers)
+from train import (atomic_save, get_args, lookahead_decay, lookahead_pull, lookahead_state,
+                   lr_factor, make_optimizers)
 
 TINY = ["--val-size", "20", "--batch-size", "32", *CPU_FP32]
 
