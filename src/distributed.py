@@ -48,8 +48,15 @@ def lost_contact(error):
                                             "Connection reset")))
 
 
-def close():
+def close(together=False):
+    """Leave the process group. together: every rank got here (a finished or stopped run), so
+    they first wait for each other. Without that wait, a rank that exits right after its last
+    all-reduce can abort ("terminate called without an active exception"): a gloo worker
+    thread frees that all-reduce's tensors while the interpreter shuts down. A barrier's work
+    holds no tensors, and by the time it returns the earlier work is long freed."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

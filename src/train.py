@@ -12,6 +12,7 @@ data-parallel under `torchrun --nproc_per_node=N` (see distributed.py).
 import contextlib
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -159,11 +160,16 @@ def get_args(argv=None):
                         "statistics and loss stay float32); auto (default): bf16 on CUDA and on "
                         "CPUs with AMX, fp32 elsewhere; --resume: the run's own unless given")
     p.add_argument("--out", help="run folder (default: runs/<preset>-<timestamp>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run saved in RUN_DIR (or from a checkpoint file in it, "
+                        "such as the previous one kept as checkpoint.prev.pt)")
     p.add_argument("--dist-timeout", type=float, default=300,
                    help="under torchrun: seconds a rank waits for the others before the whole "
                         "job fails")
     args = p.parse_args(argv)
+    # What the command line set (values other than the parser's defaults): a resumed run
+    # refuses to change its own flags (see check_resume_flags).
+    args.given = sorted(k for k, v in vars(args).items() if v != p.get_default(k))
     if args.pretrained:
         args.model = args.pretrained
         args.preset = args.preset or "finetune"
@@ -189,13 +195,16 @@ def get_args(argv=None):
     return args
 
 
-def atomic_save(obj, path):
+def atomic_save(obj, path, keep_previous=False):
     """Write to a temp file beside `path`, then rename: a crash or a failed write (disk full,
     file-size limit, read-only folder) never leaves half a file, and a file already at `path`
-    stays as it was."""
+    stays as it was. keep_previous: that file stays on as `previous_path(path)` (a hard link,
+    not a copy), so that a checkpoint found corrupt later has a good one beside it."""
     tmp = f"{path}.tmp"
     try:
         torch.save(obj, tmp)
+        if keep_previous and os.path.exists(path):
+            keep_as(path, previous_path(path))
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:   # torch.save reports a failed write as RuntimeError
         with contextlib.suppress(OSError):
@@ -204,6 +213,24 @@ def atomic_save(obj, path):
             f"the write failed: disk full or a file-size limit? {str(e).splitlines()[0]}"
         kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
         raise OSError(f"could not write {path} ({why}); {kept}") from None
+
+
+def previous_path(path):
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
+def keep_as(path, kept):
+    """`kept` becomes another name of the file at `path` (a copy where the filesystem has no
+    hard links), in one rename: it is never half there."""
+    tmp = f"{kept}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)                        # left by a run killed right here
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, kept)
 
 
 class Stopped(Exception):
@@ -403,6 +430,55 @@ def run_label(args):
     return args.preset if args.preset == args.model else f"{args.preset} ({args.model})"
 
 
+def read_checkpoint(resume):
+    """The checkpoint --resume names (RUN_DIR/checkpoint.pt, or a checkpoint file) and the run
+    folder it continues. One that cannot be read names the previous one kept beside it, when
+    that one reads."""
+    path = resume if os.path.isfile(resume) else os.path.join(resume, "checkpoint.pt")
+    try:
+        return (load_torch_file(path, "checkpoint", CHECKPOINT_KEYS),
+                os.path.dirname(path) or ".")
+    except DataError as error:
+        previous = previous_path(path)
+        kept = intact_checkpoint(previous) if os.path.isfile(path) else None
+        if kept is None:
+            raise
+        raise DataError(f"{error}; the previous checkpoint ({checkpoint_position(kept)}) is "
+                        f"intact: python src/train.py --resume {previous} continues from it"
+                        ) from None
+
+
+def intact_checkpoint(path):
+    """The checkpoint at `path` if there is one that reads, else None."""
+    try:
+        return load_torch_file(path, "checkpoint", CHECKPOINT_KEYS)
+    except DataError:
+        return None
+
+
+# The flags a resume may set: where and how it runs, not what it trains.
+RESUME_FLAGS = ("resume", "device", "precision", "grad_clip", "data_dir", "dist_timeout")
+
+
+def check_resume_flags(args, given, saved):
+    """A resumed run continues with the flags it was started with: one given on the command
+    line with another value is an error, not silently ignored."""
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})"
+               for k in given if k not in RESUME_FLAGS and k in saved
+               and getattr(args, k) != saved[k]]
+    if changed:
+        raise ValueError(f"a resumed run keeps its own flags: {', '.join(changed)}; a resume "
+                         f"takes only --device, --precision, --grad-clip, --data-dir and "
+                         f"--dist-timeout (start a new run in another --out to change the rest)")
+
+
+def checkpoint_position(ckpt):
+    epochs = ckpt["args"].get("epochs", "?")
+    if "partial" in ckpt:
+        return f"epoch {ckpt['epoch'] + 2}/{epochs}, step {ckpt['partial']['steps']}"
+    return f"after epoch {ckpt['epoch'] + 1}/{epochs}"
+
+
 def train(args):
     """One training run, stopping at a step boundary on SIGTERM or SIGINT (see `Stopped`)."""
     with deferred_stop_signals() as received:
@@ -413,10 +489,11 @@ def train_until_stopped(args, received):
     from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
 
     resume_ckpt = None
+    given = vars(args).pop("given", [])
     if args.resume:
-        resume_ckpt = load_torch_file(os.path.join(args.resume, "checkpoint.pt"), "checkpoint",
-                                      CHECKPOINT_KEYS)
-        run_dir, device_flag = args.resume, args.device
+        resume_ckpt, run_dir = read_checkpoint(args.resume)
+        check_resume_flags(args, given, resume_ckpt["args"])
+        device_flag = args.device
         precision_flag, clip_flag = args.precision, args.grad_clip
         # The run continues with its own flags, and in its own precision and clipping unless
         # told otherwise (--grad-clip on a resume is the way on after a NaN); a checkpoint from
@@ -552,19 +629,18 @@ def train_until_stopped(args, received):
                          "epoch": completed_epoch, "rng": rng, "args": vars(args),
                          "lookahead": [t.cpu() for t in slow] if slow is not None else [],
                          **({"partial": partial} if partial else {})},
-                        os.path.join(args.out, "checkpoint.pt"))
+                        os.path.join(args.out, "checkpoint.pt"), keep_previous=True)
 
-    def stop_requested(epoch_end=False):
-        """Whether a signal asked to stop. Under torchrun, whether any rank got one, asked at
-        epoch ends only, so that all ranks stop together (an all-reduce after every step made
-        a rank abort now and then at exit)."""
+    def stop_requested():
+        """Whether a signal asked to stop; under torchrun, whether any rank got one (an
+        all-reduce of one number a step), so that all ranks stop after the same step."""
         if world == 1:
             return bool(received)
-        return epoch_end and distributed.all_reduce_sum(
+        return distributed.all_reduce_sum(
             torch.tensor(float(len(received)), device=device)).item() > 0
 
     def stopped(where):
-        name = signal.Signals(received[0]).name if received else "a signal"
+        name = signal.Signals(received[0]).name if received else "a signal to another rank"
         return Stopped(f"stopped by {name} {where}; {os.path.join(args.out, 'checkpoint.pt')} "
                        f"holds it: python src/train.py --resume {args.out} continues",
                        received[0] if received else signal.SIGTERM)
@@ -659,7 +735,7 @@ def train_until_stopped(args, received):
                 writer.add_scalar(name, value, epoch + 1)
             writer.flush()
         save_checkpoint(epoch)
-        if stop_requested(epoch_end=True):
+        if stop_requested():
             raise stopped(f"after epoch {epoch + 1}")
     if writer is not None:
         writer.close()
@@ -717,7 +793,9 @@ def main(argv=None):
     args = get_args(argv)
     try:
         train_runs(args)
+        distributed.close(together=True)
     except Stopped as e:
+        distributed.close(together=True)        # every rank stopped after the same step
         cli.fail(str(e), e.exit_code)
     except (DataError, ValueError, FloatingPointError, OSError, PretrainedError) as e:
         cli.fail(str(e))

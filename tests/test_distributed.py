@@ -38,7 +38,7 @@ def test_two_processes_write_one_set_of_logs_checkpoint_and_weights(tmp_path):
     assert "179 train / 21 val images, 5 steps per epoch of 2 x 16 images" in result.stderr
 
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events.")) == [
-        ".lock", "checkpoint.pt", "weights.pt"]
+        ".lock", "checkpoint.prev.pt", "checkpoint.pt", "weights.pt"]
     assert len(list(out.glob("events.*"))) == 1
     events = EventAccumulator(str(out))
     events.Reload()
@@ -127,6 +127,33 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_under_torchrun(tmp_path)
         assert torch.equal(a[key], b[key]), key
 
 
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    data = str(tmp_path / "data")
+    write_cifar10(data, per_file=200, n_test=20)     # 30 steps per epoch
+    args = ["--epochs", "2", "--val-size", "20", "--batch-size", "32", *CPU_FP32,
+            "--data-dir", data]
+    straight = tmp_path / "straight"
+    assert torchrun(*args, "--out", straight).returncode == 0
+
+    run = tmp_path / "run"
+    job, rank1 = start_and_wait_for_a_checkpoint(args, run)
+    os.kill(rank1, signal.SIGTERM)                  # rank 1 alone is told to stop
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode != 0
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    steps = ckpt["partial"]["steps"]                # rank 0 stopped too, in epoch 2
+    assert ckpt["epoch"] == 0 and 1 <= steps < 30 and len(ckpt["rng"]["torch_ranks"]) == 2
+    assert f"error: stopped by SIGTERM in epoch 2 after step {steps}/30; " in stderr
+
+    result = subprocess.run([*TORCHRUN, os.path.join(SRC, "train.py"), "--resume", str(run),
+                             *CPU_FP32], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count(f"resuming {run} in epoch 2 after step {steps}") == 1
+    a, b = load_weights(straight)["state_dict"], load_weights(run)["state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_a_global_batch_that_does_not_split_is_one_line(cifar10_dir, tmp_path):
     result = torchrun("--batch-size", "33", *CPU_FP32, "--data-dir", cifar10_dir,
                       "--out", tmp_path / "run")
@@ -175,7 +202,7 @@ def test_global_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
             assert error < 1e-12, (name, error)
         sys.stdout.write(f"rank {{distributed.rank()}} equal\\n")   # one write: lines stay whole
         sys.stdout.flush()
-        distributed.close()
+        distributed.close(together=True)
     """))
     result = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True,
                             timeout=300)
