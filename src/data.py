@@ -104,8 +104,8 @@ def _download(root, spec):
     except Exception as e:
         raise DataError(
             f"{spec['pretty']} not found in {target} and the download failed "
-            f"({type(e).__name__}); put the extracted python version there "
-            f"(offline: python ../shared/data/cifar10_from_jpeg.py {root})") from None
+            f"({type(e).__name__}); put the extracted python version of the dataset there"
+            ) from None
 
 
 def load_cifar(root, dataset="cifar10", download=True):

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 
 import cli
@@ -54,7 +55,14 @@ def tta_level(flag, weights):
 
 def load_weights(path, conv="hand"):
     """(model in eval mode on the CPU, weights dict) from a weights file written by train.py."""
-    weights = load_torch_file(path, "weights file", WEIGHTS_KEYS)
+    try:
+        weights = load_torch_file(path, "weights file", WEIGHTS_KEYS)
+    except DataError:
+        if not is_checkpoint(path):
+            raise
+        raise DataError(f"{path} is a training checkpoint, not a weights file: a run writes "
+                        f"weights.pt beside it when it ends (python src/train.py --resume "
+                        f"{os.path.dirname(path) or '.'} ends it)") from None
     if weights.get("pretrained"):        # a fine-tuned backbone: its architecture, no download
         if weights["model"] not in BACKBONES:
             raise DataError(f"{path} holds unknown backbone {weights['model']!r}")
@@ -73,14 +81,24 @@ def load_weights(path, conv="hand"):
     return model.eval(), weights
 
 
+def is_checkpoint(path):
+    try:
+        return {"model", "optimizer", "epoch"} <= load_torch_file(path, "checkpoint", ()).keys()
+    except DataError:
+        return False
+
+
 def read_image(path):
-    """uint8 (3, 32, 32) RGB from any image file PIL can read, resized as a whole."""
+    """uint8 (3, 32, 32) RGB from any image file PIL can read (an animation's first frame),
+    resized as a whole."""
     from PIL import Image, UnidentifiedImageError
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        raise DataError(f"not an image file but a folder: {path}")
+    if not os.path.isfile(path):                 # a dangling symlink too
         raise DataError(f"no such image file: {path}")
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
+            img = to_8_bits(img).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
     except Image.DecompressionBombError:
         raise DataError(f"image too large: {path} (over {2 * Image.MAX_IMAGE_PIXELS:,} "
                         f"pixels, PIL's limit against decompression bombs)") from None
@@ -89,6 +107,17 @@ def read_image(path):
         raise DataError(f"not a readable image: {path} ({type(e).__name__})") from None
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(32, 32, 3) \
         .permute(2, 0, 1)
+
+
+def to_8_bits(img):
+    """16-bit and 32-bit integer images scaled from 0..65535, float ones from 0..1 (or 0..255
+    where they go past 1), to 8-bit greyscale: PIL's convert("RGB") would clip them at 255."""
+    from PIL import Image
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img
+    pixels = np.asarray(img, dtype=np.float64)
+    top = 65535 if img.mode.startswith("I") else 1 if pixels.max(initial=0) <= 1 else 255
+    return Image.fromarray(np.clip(np.rint(pixels * (255 / top)), 0, 255).astype(np.uint8))
 
 
 def test_report(model, weights, data, device, tta=0):
@@ -140,7 +169,8 @@ def main(argv=None):
         else:
             data = load_cifar(args.data_dir, weights["dataset"])
             if data["classes"] != weights["classes"]:
-                raise DataError(f"the classes in {args.data_dir} differ from those of the weights")
+                raise DataError(f"the classes in {args.data_dir} differ from those of "
+                                f"{args.weights}")
         print(f"device: {describe(device)}, {describe_precision(dtype, why)}", file=sys.stderr)
         model.to(device)
         with autocast(device, dtype):
