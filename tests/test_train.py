@@ -15,8 +15,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import CPU_FP32, SRC, run_script, write_cifar10
 from data import load_cifar, normalize
 from model import build_model, whitening_filters
+from data import DataError
 from train import (atomic_save, check_resume_flags, get_args, lookahead_decay, lookahead_pull,
-                   lookahead_state, lr_factor, make_optimizers)
+                   lookahead_state, lr_factor, make_optimizers, read_checkpoint)
 
 TINY = ["--val-size", "20", "--batch-size", "32", *CPU_FP32]
 
@@ -180,6 +181,27 @@ def test_a_checkpoint_write_keeps_the_one_before_as_prev(tmp_path):
         assert torch.load(tmp_path / "checkpoint.prev.pt", weights_only=True) == {
             "epoch": epoch - 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
+
+
+def test_a_corrupt_checkpoint_offers_the_previous_one(tmp_path):
+    ckpt = {"model": {}, "optimizer": [], "scheduler": [], "epoch": 2, "rng": {},
+            "args": {"epochs": 8}}
+    path = tmp_path / "checkpoint.pt"
+    atomic_save(ckpt, str(path), keep_previous=True)
+    atomic_save({**ckpt, "epoch": 3}, str(path), keep_previous=True)
+    assert read_checkpoint(str(tmp_path)) == ({**ckpt, "epoch": 3}, str(tmp_path))
+    path.write_bytes(path.read_bytes()[:100])        # truncated
+    previous = tmp_path / "checkpoint.prev.pt"
+    with pytest.raises(DataError) as error:
+        read_checkpoint(str(tmp_path))
+    assert re.fullmatch(
+        re.escape(f"cannot read checkpoint {path}: ") + r"\w+" + re.escape(
+            f"; the previous checkpoint (after epoch 3/8) is intact: python src/train.py "
+            f"--resume {previous} continues from it"), str(error.value)), str(error.value)
+    assert read_checkpoint(str(previous)) == (ckpt, str(tmp_path))
+    previous.write_bytes(b"")                          # both broken: no offer
+    with pytest.raises(DataError, match=r"^cannot read checkpoint \S+checkpoint.pt: \w+$"):
+        read_checkpoint(str(tmp_path))
 
 
 def test_a_resume_refuses_flags_that_change_the_run():
