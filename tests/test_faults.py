@@ -1,4 +1,4 @@
-"""A few trials of every fault of fault_injection.py, on demand (./test.sh -m slow: about 4
+"""A few trials of every fault of fault_injection.py, on demand (./test.sh -m slow: a few
 minutes on 2 cores); the full set: python tests/fault_injection.py"""
 import pytest
 
