@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
-from device import describe, pick_device
+from device import CHOICES as DEVICES, describe, pick_device
 from precision import CHOICES as PRECISIONS, autocast, pick_precision
 from precision import describe as describe_precision
 from model import MODELS, Conv2d, _UnfoldMatmulConv, build_model, conv2d_unfold_autograd
@@ -425,7 +425,7 @@ def conv_benchmark(args, device, dtype, why):
 
 def main(argv=None):
     p = cli.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--conv", action="store_true",
                    help="benchmark the hand-written conv against the native one")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,

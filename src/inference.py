@@ -14,7 +14,7 @@ import torch
 
 import cli
 from data import DataError, load_cifar, load_torch_file
-from device import describe, pick_device
+from device import CHOICES as DEVICES, describe, pick_device
 from precision import CHOICES as PRECISIONS, autocast, pick_precision
 from precision import describe as describe_precision
 from model import MODELS, TTA_LEVELS, build_model, predict_logits
@@ -30,7 +30,7 @@ def get_args(argv=None):
     p.add_argument("images", nargs="*", metavar="IMAGE", help="PNG/JPEG files (any size)")
     p.add_argument("--weights", default=os.path.normpath(DEFAULT_WEIGHTS))
     p.add_argument("--data-dir", default="data", help="where the dataset is (test-set report)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="bf16: matmuls in bf16 under autocast; auto: bf16 on CUDA and on CPUs "
                         "with AMX, fp32 elsewhere")

@@ -25,7 +25,7 @@ import cli
 import distributed
 from data import (DATASETS, DataError, augment, channel_stats, load_cifar, load_torch_file,
                   normalize, one_hot, stratified_split)
-from device import describe, optimize_for_device, pick_device
+from device import CHOICES as DEVICES, describe, optimize_for_device, pick_device
 from precision import CHOICES as PRECISIONS, autocast as precision_autocast, pick_precision
 from precision import describe as describe_precision
 from model import MODELS, TTA_LEVELS, build_model, predict_logits
@@ -154,7 +154,7 @@ def get_args(argv=None):
     p.add_argument("--val-size", type=int,
                    help="training images held out for validation, stratified (0: none)")
     p.add_argument("--data-dir", default="data")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--precision", choices=PRECISIONS,
                    help="bf16: matmuls in bf16 under autocast (weights, optimiser, BatchNorm "
                         "statistics and loss stay float32); auto (default): bf16 on CUDA and on "
@@ -173,14 +173,16 @@ def get_args(argv=None):
     if args.pretrained:
         args.model = args.pretrained
         args.preset = args.preset or "finetune"
-    elif args.image_size is not None:
-        p.error("--image-size goes with --pretrained")
     if args.preset is None:
         args.preset = args.model if args.model in PRESETS else "seed"
     for key, value in PRESETS[args.preset].items():
         # --resume keeps the run's clipping unless --grad-clip is given (see train())
         if getattr(args, key, None) is None and not (args.resume and key == "grad_clip"):
             setattr(args, key, value)
+    if args.model not in MODELS:      # --preset finetune alone: the preset's backbone
+        args.pretrained = args.model
+    if args.image_size is not None and not args.pretrained:
+        p.error("--image-size goes with --pretrained")
     if min(args.epochs, args.batch_size, args.runs) < 1 or min(args.val_size, args.cutout) < 0:
         p.error("--epochs, --batch-size and --runs must be at least 1, --val-size and --cutout "
                 "at least 0")

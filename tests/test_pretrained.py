@@ -89,6 +89,13 @@ def test_the_backbone_trains_slower_than_its_new_head():
     assert len(body["params"]) + len(shifts["params"]) + 2 == len(list(model.parameters()))
 
 
+def test_the_finetune_preset_alone_fine_tunes_its_backbone():
+    alone = vars(get_args(["--preset", "finetune", "--out", "run"]))
+    explicit = vars(get_args(["--pretrained", "efficientnet_lite0", "--out", "run"]))
+    assert alone["pretrained"] == "efficientnet_lite0"
+    assert {**alone, "given": None} == {**explicit, "given": None}
+
+
 def test_cosine_decay_after_the_warm_up():
     args = get_args(["--pretrained", "efficientnet_lite0"])
     total = 1000                                          # 50 warm-up steps, from 0.1 to 1

@@ -258,7 +258,8 @@ def test_a_second_run_on_a_live_run_folder_refuses(cifar10_dir, tmp_path):
                      "(see --help)"),
     (["--resume", "x", "--runs", "2"], "error: train.py: --resume continues one run; it cannot "
                                        "be combined with --runs (see --help)"),
-    (["--device", "tpu"], "error: unknown device 'tpu'; choose from auto, cpu, cuda, xpu, mps"),
+    (["--device", "tpu"], "error: train.py: argument --device: invalid choice: 'tpu' (choose from "
+                          "{0}auto{0}, {0}cpu{0}, {0}cuda{0}, {0}xpu{0}, {0}mps{0}) (see --help)"),
     (["--grad-clip", "-1"], "error: train.py: --grad-clip must be at least 0 (see --help)"),
     (["--precision", "fp8"], "error: train.py: argument --precision: invalid choice: 'fp8' "
                              "(choose from {0}auto{0}, {0}fp32{0}, {0}bf16{0}) (see --help)"),
