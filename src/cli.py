@@ -1,15 +1,17 @@
 """Command-line helpers shared by the scripts: every user error is one line on stderr."""
 import argparse
-import os
 import sys
 
 
-def parser(description):
+class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors (unknown flag, bad value) are one line, not usage + error."""
-    p = argparse.ArgumentParser(description=description)
-    prog = os.path.basename(sys.argv[0])
-    p.error = lambda message: fail(f"{prog}: {message} (see --help)")
-    return p
+
+    def error(self, message):
+        fail(f"{self.prog}: {message} (see --help)")
+
+
+def parser(description):
+    return Parser(description=description)
 
 
 def fail(message, code=2):

@@ -11,6 +11,7 @@ Every network is reached through `build_model(name, num_classes, conv=...)`; new
 register themselves in `MODELS` with the `@register` decorator.
 """
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -81,11 +82,17 @@ def _weight_rows(weight, groups):
     return _weight_taps(weight, groups).reshape(groups, weight.shape[0] // groups, -1)
 
 
+# CIFAR_ONEDNN_MATMUL=0 sends the conv's CPU matmuls to torch.mm/addmm instead of oneDNN's
+# private op (to compare, or should a torch release change that op).
+ONEDNN_MATMUL_SWITCH = "CIFAR_ONEDNN_MATMUL"
+
+
 def _onednn_matmul_available(dtype):
     """Whether oneDNN's matmul runs `dtype` here: float32 wherever oneDNN is built in, bf16
     where torch says oneDNN takes it (x86 CPUs from AVX-512 up, natively with AVX512-BF16 or
-    AMX; AVX2-only CPUs are refused)."""
-    if not (hasattr(torch.ops.mkldnn, "_linear_pointwise") and
+    AMX; AVX2-only CPUs are refused); never with CIFAR_ONEDNN_MATMUL=0."""
+    if os.environ.get(ONEDNN_MATMUL_SWITCH) == "0" or not (
+            hasattr(torch.ops.mkldnn, "_linear_pointwise") and
             torch.backends.mkldnn.is_available()):
         return False
     if dtype == torch.bfloat16:

@@ -283,6 +283,30 @@ def native_conv_ops(model):
     return [op for op in ops if op.startswith(("aten::", "mkldnn", "cudnn")) and "conv" in op]
 
 
+def cpu_ops(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_onednn_matmul_equals_addmm_and_switches_off(monkeypatch):
+    from model import ONEDNN_MATMUL_SWITCH, _matmul_nt, _onednn_matmul_available
+    torch.manual_seed(0)
+    a, b_t, bias = torch.randn(200, 300), torch.randn(48, 300), torch.randn(48)
+    want = torch.addmm(bias.double(), a.double(), b_t.double().t())
+    # float32 sums of 300 products (results up to about 70): 5e-5 from float64 measured on an
+    # AMD EPYC (addmm: 2e-5); the bound is a tenth of float32's worst case for such sums.
+    torch.testing.assert_close(_matmul_nt(a, b_t, bias).double(), want, rtol=0, atol=5e-4)
+    torch.testing.assert_close(_matmul_nt(a, b_t).double(), want - bias.double(), rtol=0,
+                               atol=5e-4)
+    onednn = _onednn_matmul_available(torch.float32)
+    assert ("mkldnn::_linear_pointwise" in cpu_ops(lambda: _matmul_nt(a, b_t))) == onednn
+    monkeypatch.setenv(ONEDNN_MATMUL_SWITCH, "0")
+    assert not _onednn_matmul_available(torch.float32)
+    ops = cpu_ops(lambda: _matmul_nt(a, b_t, bias))
+    assert "aten::addmm" in ops and "mkldnn::_linear_pointwise" not in ops
+
+
 def test_no_native_convolution_in_forward_or_backward(monkeypatch):
     torch.manual_seed(0)
     # The profiler check sees native convolutions where there are some...
