@@ -105,8 +105,7 @@ def read_image(path):
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         # PIL reports some broken files as SyntaxError or EOFError rather than OSError.
         raise DataError(f"not a readable image: {path} ({type(e).__name__})") from None
-    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(32, 32, 3) \
-        .permute(2, 0, 1)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)   # PIL's array interface: HWC
 
 
 def to_8_bits(img):
