@@ -247,7 +247,8 @@ class Stopped(Exception):
 def deferred_stop_signals():
     """While training runs, SIGTERM and SIGINT (a cluster preempting the job, Ctrl-C) only
     record themselves in the yielded list: the loop stops at the next step boundary, once a
-    checkpoint of that step is on disk. A second signal while it saves changes nothing."""
+    checkpoint of that step is on disk. A second signal while it saves changes nothing, nor
+    one on the way out: once a signal has come, the process ignores them until it exits."""
     received = []
     previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
@@ -255,7 +256,7 @@ def deferred_stop_signals():
         yield received
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if received else handler)
 
 
 def lock_run_folder(folder):

@@ -16,8 +16,9 @@ from conftest import CPU_FP32, SRC, run_script, write_cifar10
 from data import load_cifar, normalize
 from model import build_model, whitening_filters
 from data import DataError
-from train import (atomic_save, check_resume_flags, get_args, lookahead_decay, lookahead_pull,
-                   lookahead_state, lr_factor, make_optimizers, read_checkpoint)
+from train import (atomic_save, check_resume_flags, deferred_stop_signals, get_args,
+                   lookahead_decay, lookahead_pull, lookahead_state, lr_factor, make_optimizers,
+                   read_checkpoint)
 
 TINY = ["--val-size", "20", "--batch-size", "32", *CPU_FP32]
 
@@ -120,6 +121,26 @@ def test_stopped_by_a_signal_mid_epoch_and_resumed_ends_with_the_same_weights(pr
     b = torch.load(out / "weights.pt", weights_only=True)["state_dict"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_once_a_signal_has_stopped_the_run_later_ones_are_ignored_until_exit():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with deferred_stop_signals() as received:
+            assert received == []
+        assert {s: signal.getsignal(s) for s in before} == before   # no signal: restored
+        with deferred_stop_signals() as received:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            assert received == [signal.SIGINT, signal.SIGTERM]
+        os.kill(os.getpid(), signal.SIGINT)     # a second Ctrl-C on the way out: nothing
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in before)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def test_nan_in_a_later_epoch_keeps_the_last_checkpoint_and_says_how_to_resume(cifar10_dir,
