@@ -7,6 +7,7 @@ draws the same permutation and the same augmentation of each global batch (same 
 trains on its share of it (every N-th image); DistributedDataParallel averages the gradients,
 so N processes take the steps one process would take with the same --batch-size.
 """
+import contextlib
 import datetime
 import os
 
@@ -56,7 +57,10 @@ def close(together=False):
     holds no tensors, and by the time it returns the earlier work is long freed."""
     if dist.is_initialized():
         if together:
-            dist.barrier()
+            # A rank that failed meanwhile (a write on rank 0) makes the barrier fail: the run's
+            # outcome is decided already, and each rank's own line says it.
+            with contextlib.suppress(RuntimeError):
+                dist.barrier()
         dist.destroy_process_group()
 
 

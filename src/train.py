@@ -9,6 +9,7 @@ Every epoch logs to TensorBoard (in the run folder) and writes a checkpoint atom
 `--resume RUN_DIR` continues exactly where an interrupted run stopped. The same script runs
 data-parallel under `torchrun --nproc_per_node=N` (see distributed.py).
 """
+import argparse
 import contextlib
 import math
 import os
@@ -167,9 +168,11 @@ def get_args(argv=None):
                    help="under torchrun: seconds a rank waits for the others before the whole "
                         "job fails")
     args = p.parse_args(argv)
-    # What the command line set (values other than the parser's defaults): a resumed run
-    # refuses to change its own flags (see check_resume_flags).
-    args.given = sorted(k for k, v in vars(args).items() if v != p.get_default(k))
+    # The flags the command line set, even to their default value (argparse fills in only what
+    # a namespace lacks): a resumed run refuses to change its own (see check_resume_flags).
+    unset = object()
+    typed = p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
+    args.given = sorted(k for k, v in vars(typed).items() if v is not unset)
     if args.pretrained:
         args.model = args.pretrained
         args.preset = args.preset or "finetune"
@@ -437,7 +440,7 @@ def read_checkpoint(resume):
     """The checkpoint --resume names (RUN_DIR/checkpoint.pt, or a checkpoint file) and the run
     folder it continues. One that cannot be read names the previous one kept beside it, when
     that one reads."""
-    path = resume if os.path.isfile(resume) else os.path.join(resume, "checkpoint.pt")
+    path = resume if resume.endswith(".pt") else os.path.join(resume, "checkpoint.pt")
     try:
         return (load_torch_file(path, "checkpoint", CHECKPOINT_KEYS),
                 os.path.dirname(path) or ".")
@@ -449,6 +452,15 @@ def read_checkpoint(resume):
         raise DataError(f"{error}; the previous checkpoint ({checkpoint_position(kept)}) is "
                         f"intact: python src/train.py --resume {previous} continues from it"
                         ) from None
+
+
+def set_aside_other_checkpoint(run_dir, resume_file):
+    """A run resumed from another file (checkpoint.prev.pt) keeps the checkpoint.pt it leaves
+    behind as checkpoint.set-aside.pt: its first save would otherwise make that one (corrupt,
+    maybe) the previous checkpoint, and the file it resumed from would be gone."""
+    current = os.path.join(run_dir, "checkpoint.pt")
+    if resume_file and os.path.exists(current) and not os.path.samefile(resume_file, current):
+        os.replace(current, os.path.join(run_dir, "checkpoint.set-aside.pt"))
 
 
 def intact_checkpoint(path):
@@ -495,6 +507,7 @@ def train_until_stopped(args, received):
     given = vars(args).pop("given", [])
     if args.resume:
         resume_ckpt, run_dir = read_checkpoint(args.resume)
+        resume_file = args.resume if args.resume.endswith(".pt") else None
         check_resume_flags(args, given, resume_ckpt["args"])
         device_flag = args.device
         precision_flag, clip_flag = args.precision, args.grad_clip
@@ -521,6 +534,8 @@ def train_until_stopped(args, received):
     if main_process:   # once the data is there, before anything is written
         os.makedirs(args.out, exist_ok=True)
         lock = lock_run_folder(args.out)   # held until this function returns
+        if resume_ckpt is not None:
+            set_aside_other_checkpoint(args.out, resume_file)
     log(f"device: {describe(device)}" + (f", {world} processes" if world > 1 else "")
         + f", {describe_precision(dtype, why)}")
     torch.manual_seed(args.seed)
@@ -586,6 +601,9 @@ def train_until_stopped(args, received):
             torch._foreach_copy_(slow, [t.to(device) for t in resume_ckpt["lookahead"]])
         start_epoch = resume_ckpt["epoch"] + 1
         partial = resume_ckpt.get("partial")   # a run stopped by a signal within an epoch
+        if resume_ckpt.get("train_size", len(train_x)) != len(train_x):
+            raise DataError(f"{args.data_dir} holds {len(train_x)} training images, the run "
+                            f"trained on {resume_ckpt['train_size']}: resume it with its data")
         log(f"resuming {args.out} in epoch {start_epoch + 1} after step {partial['steps']}"
             if partial else f"resuming {args.out} after epoch {start_epoch}")
 
@@ -630,6 +648,7 @@ def train_until_stopped(args, received):
                          "optimizer": [opt.state_dict() for opt in optimizers],
                          "scheduler": [sched.state_dict() for sched in schedulers],
                          "epoch": completed_epoch, "rng": rng, "args": vars(args),
+                         "train_size": len(train_x),
                          "lookahead": [t.cpu() for t in slow] if slow is not None else [],
                          **({"partial": partial} if partial else {})},
                         os.path.join(args.out, "checkpoint.pt"), keep_previous=True)

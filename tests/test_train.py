@@ -18,7 +18,7 @@ from model import build_model, whitening_filters
 from data import DataError
 from train import (atomic_save, check_resume_flags, deferred_stop_signals, get_args,
                    lookahead_decay, lookahead_pull, lookahead_state, lr_factor, make_optimizers,
-                   read_checkpoint)
+                   read_checkpoint, set_aside_other_checkpoint)
 
 TINY = ["--val-size", "20", "--batch-size", "32", *CPU_FP32]
 
@@ -220,7 +220,14 @@ def test_a_corrupt_checkpoint_offers_the_previous_one(tmp_path):
             f"; the previous checkpoint (after epoch 3/8) is intact: python src/train.py "
             f"--resume {previous} continues from it"), str(error.value)), str(error.value)
     assert read_checkpoint(str(previous)) == (ckpt, str(tmp_path))
+    # Resumed from it, the run sets the truncated one aside instead of making it the previous.
+    set_aside_other_checkpoint(str(tmp_path), str(previous))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt",
+                                                          "checkpoint.set-aside.pt"]
+    with pytest.raises(DataError, match=f"^no checkpoint at {re.escape(str(path))}$"):
+        read_checkpoint(str(path))
     previous.write_bytes(b"")                          # both broken: no offer
+    (tmp_path / "checkpoint.set-aside.pt").rename(path)
     with pytest.raises(DataError, match=r"^cannot read checkpoint \S+checkpoint.pt: \w+$"):
         read_checkpoint(str(tmp_path))
 
@@ -237,6 +244,10 @@ def test_a_resume_refuses_flags_that_change_the_run():
         "--dist-timeout (start a new run in another --out to change the rest)")
     same = get_args(["--resume", "run", "--epochs", "2", "--device", "cuda"])
     check_resume_flags(same, same.given, saved)       # the run's own value is no change
+    typed = get_args(["--resume", "run", "--seed", "0", "--conv", "hand"])   # the defaults
+    assert typed.given == ["conv", "resume", "seed"]
+    with pytest.raises(ValueError, match=r"flags: --seed 0 \(the run's: 3\);"):
+        check_resume_flags(typed, typed.given, {**saved, "seed": 3})
 
 
 def test_a_second_run_on_a_live_run_folder_refuses(cifar10_dir, tmp_path):
