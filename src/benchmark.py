@@ -37,9 +37,11 @@ import cli
 from device import CHOICES as DEVICES, describe, pick_device
 from precision import CHOICES as PRECISIONS, autocast, pick_precision
 from precision import describe as describe_precision
-from model import MODELS, Conv2d, _UnfoldMatmulConv, build_model, conv2d_unfold_autograd
+from conv import Conv2d, conv2d_unfold_autograd
+from conv.functions import UnfoldMatmulConv
+from model import MODELS, build_model
 from pretrained import BACKBONES, load_backbone
-from train import PRESETS
+from presets import PRESETS
 
 
 def sync(device):
@@ -276,7 +278,7 @@ HAND_VARIANTS = {
     "unfold-autograd": lambda conv: lambda x: conv2d_unfold_autograd(
         x, conv.weight, conv.bias, conv.stride, conv.pads, conv.dilation, conv.groups),
     # im2col + matmul for every shape, depthwise convs included (which Conv2d runs as taps).
-    "matmul-only": lambda conv: lambda x: _UnfoldMatmulConv.apply(
+    "matmul-only": lambda conv: lambda x: UnfoldMatmulConv.apply(
         x, conv.weight, conv.bias, conv.stride, conv.pads, conv.dilation, conv.groups),
 }
 
@@ -424,7 +426,7 @@ def conv_benchmark(args, device, dtype, why):
 
 
 def main(argv=None):
-    p = cli.parser(__doc__.split("\n\n")[0])
+    p = cli.parser(__file__, __doc__)
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--conv", action="store_true",
                    help="benchmark the hand-written conv against the native one")

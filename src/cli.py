@@ -1,5 +1,6 @@
 """Command-line helpers shared by the scripts: every user error is one line on stderr."""
 import argparse
+import os
 import sys
 
 
@@ -10,8 +11,10 @@ class Parser(argparse.ArgumentParser):
         fail(f"{self.prog}: {message} (see --help)")
 
 
-def parser(description):
-    return Parser(description=description)
+def parser(script, doc):
+    """The parser of `script` (its __file__), described by the first paragraph of `doc`; its
+    name in messages is the script's, however it was started (python src/x.py, or main())."""
+    return Parser(prog=os.path.basename(script), description=doc.split("\n\n")[0])
 
 
 def fail(message, code=2):

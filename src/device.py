@@ -1,5 +1,6 @@
 """Pick the compute device: cuda, then Intel xpu, then Apple mps, then cpu."""
 import sys
+import time
 
 import torch
 
@@ -54,3 +55,20 @@ def optimize_for_device(model, optimizer, device):
     if optimizer is None:
         return ipex.optimize(model), None
     return ipex.optimize(model, optimizer=optimizer)
+
+
+def stopwatch(device):
+    """A function that returns the seconds since this call; on CUDA read from device events,
+    i.e. the GPU's own clock once all work queued so far has run."""
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+
+        def elapsed():
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000
+        return elapsed
+    begin = time.perf_counter()
+    return lambda: time.perf_counter() - begin

@@ -17,7 +17,9 @@ from data import DataError, load_cifar, load_torch_file
 from device import CHOICES as DEVICES, describe, pick_device
 from precision import CHOICES as PRECISIONS, autocast, pick_precision
 from precision import describe as describe_precision
-from model import MODELS, TTA_LEVELS, build_model, predict_logits
+from checkpoint import intact_checkpoint
+from evaluate import TTA_LEVELS, predict_logits, test_report
+from model import MODELS, build_model
 from pretrained import BACKBONES, PretrainedError, load_backbone
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
@@ -26,7 +28,7 @@ WEIGHTS_KEYS = ("model", "dataset", "classes", "mean", "std", "state_dict")
 
 
 def get_args(argv=None):
-    p = cli.parser(__doc__.split("\n\n")[0])
+    p = cli.parser(__file__, __doc__)
     p.add_argument("images", nargs="*", metavar="IMAGE", help="PNG/JPEG files (any size)")
     p.add_argument("--weights", default=os.path.normpath(DEFAULT_WEIGHTS))
     p.add_argument("--data-dir", default="data", help="where the dataset is (test-set report)")
@@ -58,7 +60,7 @@ def load_weights(path, conv="hand"):
     try:
         weights = load_torch_file(path, "weights file", WEIGHTS_KEYS)
     except DataError:
-        if not is_checkpoint(path):
+        if intact_checkpoint(path) is None:
             raise
         raise DataError(f"{path} is a training checkpoint, not a weights file: a run writes "
                         f"weights.pt beside it when it ends (python src/train.py --resume "
@@ -79,13 +81,6 @@ def load_weights(path, conv="hand"):
         raise DataError(f"{path} does not fit model {weights['model']!r}: "
                         f"{first[1].strip() if len(first) > 1 else first[0]}") from None
     return model.eval(), weights
-
-
-def is_checkpoint(path):
-    try:
-        return {"model", "optimizer", "epoch"} <= load_torch_file(path, "checkpoint", ()).keys()
-    except DataError:
-        return False
 
 
 def read_image(path):
@@ -117,18 +112,6 @@ def to_8_bits(img):
     pixels = np.asarray(img, dtype=np.float64)
     top = 65535 if img.mode.startswith("I") else 1 if pixels.max(initial=0) <= 1 else 255
     return Image.fromarray(np.clip(np.rint(pixels * (255 / top)), 0, 255).astype(np.uint8))
-
-
-def test_report(model, weights, data, device, tta=0):
-    labels = data["test_y"].to(device)
-    mean, std = torch.tensor(weights["mean"]), torch.tensor(weights["std"])
-    pred = predict_logits(model, data["test_x"].to(device), mean, std, tta=tta).argmax(1)
-    n = len(weights["classes"])
-    confusion = torch.bincount(labels * n + pred, minlength=n * n).view(n, n).cpu()
-    per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1)
-    return {"accuracy": confusion.diag().sum().item() / len(labels), "tta": tta,
-            "per_class": dict(zip(weights["classes"], per_class.tolist())),
-            "confusion": confusion.tolist()}
 
 
 def print_report(report, classes):

@@ -44,7 +44,7 @@ def plot(run_dir, out, title=None):
 
 
 def main(argv=None):
-    p = cli.parser(__doc__.split("\n\n")[0])
+    p = cli.parser(__file__, __doc__)
     p.add_argument("run_dir")
     p.add_argument("--out", default="docs/resources/validation_accuracy_graph.png")
     p.add_argument("--title")

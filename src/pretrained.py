@@ -12,13 +12,12 @@ the same tensors; timm's TensorFlow-style 'SAME' convs become `Conv2dTFSame`, wh
 input as TensorFlow does.
 """
 import importlib
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Conv2d, conv2d_unfold
+from conv import replace_module, swap_convs
 
 # name -> how to build it, its input resolution and normalisation (the backbone's, not CIFAR's).
 BACKBONES = {
@@ -133,48 +132,5 @@ def replace_head(net, num_classes):
     """torchvision's nets: a fresh last Linear for `num_classes` outputs."""
     old = classifier(net)
     name = next(name for name, module in net.named_modules() if module is old)
-    _replace(net, name, nn.Linear(old.in_features, num_classes))
+    replace_module(net, name, nn.Linear(old.in_features, num_classes))
     return net
-
-
-def _replace(net, name, module):
-    """Put `module` where the submodule called `name` is."""
-    parent, _, child = name.rpartition(".")
-    setattr(net.get_submodule(parent) if parent else net, child, module)
-
-
-def tf_same_pads(size, kernel_size, stride, dilation):
-    """TensorFlow's 'SAME' padding (left, right, top, bottom) for an input of `size` (H, W):
-    the output is ceil(size / stride), the odd pixel goes right/bottom."""
-    pads = []
-    for n, k, s, d in zip(size[::-1], kernel_size[::-1], stride[::-1], dilation[::-1]):
-        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
-        pads += [total // 2, total - total // 2]
-    return tuple(pads)
-
-
-class Conv2dTFSame(Conv2d):
-    """The hand-written conv with TensorFlow's 'SAME' padding, which depends on the input
-    size (timm's Conv2dSame for the tf_* EfficientNets)."""
-
-    def forward(self, x):
-        pads = tf_same_pads(x.shape[-2:], self.kernel_size, self.stride, self.dilation)
-        return conv2d_unfold(x, self.weight, self.bias, self.stride, pads, self.dilation,
-                             self.groups)
-
-
-def swap_convs(model):
-    """Replace (in place) every nn.Conv2d by the hand-written Conv2d with the same
-    parameters (the very tensors: the state dict and any optimiser are unchanged)."""
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Conv2d) or module.padding_mode != "zeros":
-            continue
-        tf_same = type(module).__name__ == "Conv2dSame"       # timm: pads at run time
-        hand = (Conv2dTFSame if tf_same else Conv2d)(
-            module.in_channels, module.out_channels, module.kernel_size, module.stride,
-            0 if tf_same else module.padding, module.dilation, module.groups,
-            bias=module.bias is not None, device=module.weight.device)
-        hand.weight = module.weight
-        hand.bias = module.bias
-        _replace(model, name, hand)
-    return model

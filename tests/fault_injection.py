@@ -36,10 +36,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import write_cifar10  # noqa: E402
+from conftest import CPU_FP32, write_cifar10  # noqa: E402
 
 TRAIN = os.path.join(os.path.dirname(__file__), os.pardir, "src", "train.py")
-CPU_FP32 = ["--device", "cpu", "--precision", "fp32"]
 RUN = ["--preset", "seed", "--epochs", "2", "--val-size", "20", "--batch-size", "32", *CPU_FP32]
 
 

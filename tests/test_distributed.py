@@ -6,12 +6,14 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CPU_FP32, SRC, run_script, write_cifar10
+from conftest import CPU_FP32, FAST94_RUN, SRC, write_cifar10
 from data import load_cifar
-from model import build_model, predict_logits
+from evaluate import predict_logits
+from model import build_model
 
 # --standalone: a rendezvous on a free local port, so tests never collide on one.
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -53,18 +55,13 @@ def test_two_processes_write_one_set_of_logs_checkpoint_and_weights(tmp_path):
     assert weights["test_accuracy"] == (logits.argmax(1) == test["test_y"]).sum().item() / 31
 
 
-def test_two_processes_train_the_weights_one_process_trains(tmp_path):
+def test_two_processes_train_the_weights_one_process_trains(fast94_run, tmp_path):
     # fast94: BatchNorm (synchronised over the ranks), lookahead, the alternating flip,
-    # translations, and the whitening bias frozen after 3 of the 4 epochs.
-    data = str(tmp_path / "data")
-    write_cifar10(data, per_file=40, n_test=30)
-    args = ["--preset", "fast94", "--epochs", "4", "--batch-size", "64", *CPU_FP32,
-            "--data-dir", data]
-    one = run_script("train.py", *args, "--out", tmp_path / "one")
-    assert one.returncode == 0, one.stderr
-    two = torchrun(*args, "--out", tmp_path / "two")
+    # translations, and the whitening bias stopping after 3 of the 4 epochs.
+    _, one, data = fast94_run
+    two = torchrun(*FAST94_RUN, "--data-dir", data, "--out", tmp_path / "two")
     assert two.returncode == 0, two.stderr
-    a, b = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
+    a, b = load_weights(one), load_weights(tmp_path / "two")
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key in a["state_dict"]:    # float32 sums in another order: ~1e-6 apart measured
         torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=1e-4,
@@ -98,14 +95,35 @@ def start_and_wait_for_a_checkpoint(args, run):
     return job, rank1
 
 
-def test_a_killed_rank_ends_the_job_and_the_run_resumes_under_torchrun(tmp_path):
-    data = str(tmp_path / "data")
-    write_cifar10(data, per_file=200, n_test=20)     # 31 steps per epoch: time to kill one
+STEPS = 18     # per epoch of the interrupted runs below: time to interrupt one mid-run
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """(flags, data folder, run folder) of an uninterrupted 2-process seed run that the
+    interrupted ones below must end equal to."""
+    root = tmp_path_factory.mktemp("straight")
+    data = str(root / "data")
+    write_cifar10(data, per_file=120, n_test=20)     # 580 training images: 18 steps of 32
     args = ["--epochs", "2", "--val-size", "20", "--batch-size", "32", *CPU_FP32,
             "--data-dir", data]
-    straight = tmp_path / "straight"
-    assert torchrun(*args, "--out", straight).returncode == 0
+    result = torchrun(*args, "--out", root / "run")
+    assert result.returncode == 0, result.stderr
+    return args, root / "run"
 
+
+def resume_ends_equal(run, straight, message):
+    result = subprocess.run([*TORCHRUN, os.path.join(SRC, "train.py"), "--resume", str(run),
+                             *CPU_FP32], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count(message) == 1
+    a, b = load_weights(straight)["state_dict"], load_weights(run)["state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_killed_rank_ends_the_job_and_the_run_resumes_under_torchrun(straight_run, tmp_path):
+    args, straight = straight_run
     run = tmp_path / "run"
     job, rank1 = start_and_wait_for_a_checkpoint([*args, "--dist-timeout", "60"], run)
     os.kill(rank1, signal.SIGKILL)
@@ -116,25 +134,11 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_under_torchrun(tmp_path)
     assert "Signal 9 (SIGKILL) received" in stderr       # torchrun names the failed rank
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 0
     assert not (run / "weights.pt").exists()
-
-    result = subprocess.run([*TORCHRUN, os.path.join(SRC, "train.py"), "--resume", str(run),
-                             *CPU_FP32], capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.count(f"resuming {run} after epoch 1") == 1
-    a, b = load_weights(straight)["state_dict"], load_weights(run)["state_dict"]
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    resume_ends_equal(run, straight, f"resuming {run} after epoch 1")
 
 
-def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
-    data = str(tmp_path / "data")
-    write_cifar10(data, per_file=200, n_test=20)     # 30 steps per epoch
-    args = ["--epochs", "2", "--val-size", "20", "--batch-size", "32", *CPU_FP32,
-            "--data-dir", data]
-    straight = tmp_path / "straight"
-    assert torchrun(*args, "--out", straight).returncode == 0
-
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(straight_run, tmp_path):
+    args, straight = straight_run
     run = tmp_path / "run"
     job, rank1 = start_and_wait_for_a_checkpoint(args, run)
     os.kill(rank1, signal.SIGTERM)                  # rank 1 alone is told to stop
@@ -142,16 +146,9 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert job.returncode != 0
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     steps = ckpt["partial"]["steps"]                # rank 0 stopped too, in epoch 2
-    assert ckpt["epoch"] == 0 and 1 <= steps < 30 and len(ckpt["rng"]["torch_ranks"]) == 2
-    assert f"error: stopped by SIGTERM in epoch 2 after step {steps}/30; " in stderr
-
-    result = subprocess.run([*TORCHRUN, os.path.join(SRC, "train.py"), "--resume", str(run),
-                             *CPU_FP32], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.count(f"resuming {run} in epoch 2 after step {steps}") == 1
-    a, b = load_weights(straight)["state_dict"], load_weights(run)["state_dict"]
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert ckpt["epoch"] == 0 and 1 <= steps < STEPS and len(ckpt["rng"]["torch_ranks"]) == 2
+    assert f"error: stopped by SIGTERM in epoch 2 after step {steps}/{STEPS}; " in stderr
+    resume_ends_equal(run, straight, f"resuming {run} in epoch 2 after step {steps}")
 
 
 def test_a_global_batch_that_does_not_split_is_one_line(cifar10_dir, tmp_path):
@@ -212,14 +209,22 @@ def test_global_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
 
 def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout(tmp_path):
     data = str(tmp_path / "data")
-    write_cifar10(data, per_file=200, n_test=20)
+    write_cifar10(data, per_file=120, n_test=20)
     job, rank1 = start_and_wait_for_a_checkpoint(
         ["--epochs", "3", "--val-size", "20", "--batch-size", "32", *CPU_FP32,
          "--data-dir", data, "--dist-timeout", "5"], tmp_path / "run")
     os.kill(rank1, signal.SIGSTOP)                 # alive, but never answers again
-    _, stderr = job.communicate(timeout=120)       # torchrun: 30 s for SIGTERM, then SIGKILL
+    started = time.monotonic()
+    lines = []
+    for line in job.stderr:                        # until rank 0 gives up on it
+        lines.append(line)
+        if line.startswith("error: "):
+            break
+    waited = time.monotonic() - started
+    os.kill(rank1, signal.SIGKILL)   # torchrun would wait 30 s for the stopped rank's SIGTERM
+    _, rest = job.communicate(timeout=120)
     assert job.returncode != 0
-    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert lines[0].startswith("error: rank 0: lost contact with the other processes (one died, "
-                               "or did not answer within --dist-timeout 5 s): ")
-    assert 'train.py", line' not in stderr
+    assert 5 <= waited < 60
+    assert lines[-1].startswith("error: rank 0: lost contact with the other processes (one "
+                                "died, or did not answer within --dist-timeout 5 s): ")
+    assert 'train.py", line' not in "".join(lines) + rest

@@ -1,15 +1,17 @@
 """inference.py on the test set and on image files, text and JSON, and its refusals."""
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from conftest import CIFAR10_CLASSES, CPU_FP32, run_script
+from conftest import CIFAR10_CLASSES, CPU_FP32, run_main, run_script
 from data import load_cifar
-from inference import load_weights
-from model import predict_logits
+from inference import DEFAULT_WEIGHTS, load_weights
+from evaluate import predict_logits
 
 
 def train_one_epoch(tmp_path_factory, name, *flags):
@@ -18,8 +20,8 @@ def train_one_epoch(tmp_path_factory, name, *flags):
     root = tmp_path_factory.mktemp(name)
     data = str(root / "data")
     write_cifar10(data)
-    result = run_script("train.py", "--epochs", "1", *flags, *CPU_FP32,
-                        "--data-dir", data, "--out", root / "run")
+    result = run_main("train.py", "--epochs", "1", *flags, *CPU_FP32,
+                      "--data-dir", data, "--out", root / "run")
     assert result.returncode == 0, result.stderr
     return root / "run" / "weights.pt", data
 
@@ -32,8 +34,8 @@ def trained(tmp_path_factory):
 
 def test_test_set_report_as_json(trained):
     weights, data = trained
-    result = run_script("inference.py", "--weights", weights, "--data-dir", data, "--json",
-                        *CPU_FP32)
+    result = run_main("inference.py", "--weights", weights, "--data-dir", data, "--json",
+                      *CPU_FP32)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert set(report) == {"accuracy", "tta", "per_class", "confusion"} and report["tta"] == 0
@@ -50,7 +52,7 @@ def test_test_set_report_as_json(trained):
 
 def test_test_set_report_as_text(trained):
     weights, data = trained
-    result = run_script("inference.py", "--weights", weights, "--data-dir", data)
+    result = run_main("inference.py", "--weights", weights, "--data-dir", data)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("test accuracy: ") and lines[0].endswith(" of 30 images")
@@ -73,7 +75,7 @@ def test_image_files_top3_json_in_the_given_order(trained, tmp_path):
         "L").save(big)                         # grayscale, not 32x32: converted and resized
     paths.append(str(big))
 
-    result = run_script("inference.py", "--weights", weights, "--json", *paths)
+    result = run_main("inference.py", "--weights", weights, "--json", *paths)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert [r["path"] for r in out] == paths
@@ -92,7 +94,7 @@ def test_image_files_as_text(trained, tmp_path):
     weights, _ = trained
     path = tmp_path / "a.png"
     Image.new("RGBA", (50, 20), (200, 10, 10, 128)).save(path)
-    result = run_script("inference.py", "--weights", weights, path)
+    result = run_main("inference.py", "--weights", weights, path)
     assert result.returncode == 0, result.stderr
     line, = result.stdout.splitlines()
     assert line.startswith(f"{path}: ") and len(line.split(", ")) == 3
@@ -131,7 +133,7 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path):
         (["--jsn"], "error: inference.py: unrecognized arguments: --jsn (see --help)"),
     ]
     for args, message in cases:
-        result = run_script("inference.py", *CPU_FP32, *args)
+        result = run_main("inference.py", *CPU_FP32, *args)
         assert result.returncode == 2, (args, result.stderr)
         assert "Traceback" not in result.stderr
         assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(message), \
@@ -140,7 +142,7 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path):
 
 
 def test_bad_tta_level_is_one_line():
-    result = run_script("inference.py", "--tta", "4")
+    result = run_main("inference.py", "--tta", "4")
     assert result.returncode == 2 and result.stdout == ""
     # Python 3.12 stopped quoting the choices in argparse's message; both forms are one line.
     message = ("error: inference.py: argument --tta: invalid choice: '4' (choose from {0}auto{0}, "
@@ -158,19 +160,48 @@ def test_shipped_weights_are_the_default_and_load(tmp_path):
     assert 0 < sum(t["prob"] for t in top) <= 1 + 1e-6
 
 
+# The shipped weights on 8 seeded smooth images (4x4 noise upsampled to 32x32), float32 on the
+# CPU: the top-1 class of each and the first one's logits, recorded from these files. Other
+# weights (retrained, random, another file's) fail; fp32 rounding on another CPU does not.
+SHIPPED_OUTPUTS = {
+    "seed_cifar10": ([3, 0, 3, 0, 3, 6, 2, 0],
+                     [-0.111, -1.593, 1.176, 2.236, 0.065, 0.942, 0.721, -0.567, -1.184, -1.229]),
+    "fast94_cifar10": ([6, 2, 2, 6, 2, 6, 2, 5],
+                       [-0.338, -0.566, 0.995, -0.08, 0.869, -0.33, 1.169, -0.631, -0.585,
+                        -0.496]),
+    "efficientnet_lite0_cifar10": ([8, 8, 3, 8, 8, 3, 2, 8],
+                                   [-0.112, -0.405, 0.133, 0.566, 0.456, -0.157, -0.297,
+                                    -1.824, 1.579, -0.605]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_OUTPUTS))
+def test_shipped_weights_give_their_recorded_outputs(name):
+    gen = torch.Generator().manual_seed(0)
+    images = F.interpolate(torch.rand(8, 3, 4, 4, generator=gen) * 255, size=32,
+                           mode="bilinear").round().to(torch.uint8)
+    model, weights = load_weights(os.path.join(os.path.dirname(DEFAULT_WEIGHTS), f"{name}.pt"))
+    logits = predict_logits(model, images, torch.tensor(weights["mean"]),
+                            torch.tensor(weights["std"]))
+    classes, first = SHIPPED_OUTPUTS[name]
+    assert logits.argmax(1).tolist() == classes
+    assert logits[0].tolist() == pytest.approx(first, abs=1e-3)   # recorded to 3 decimals
+
+
 @pytest.fixture(scope="module")
-def trained_fast94(tmp_path_factory):
-    """A 1-epoch fast94 run: its weights record TTA level 2."""
-    return train_one_epoch(tmp_path_factory, "fast94", "--preset", "fast94", "--batch-size", "50")
+def trained_fast94(fast94_run):
+    """conftest's fast94 run: its weights record TTA level 2."""
+    _, out, data = fast94_run
+    return out / "weights.pt", data
 
 
 def test_tta_flag_reproduces_the_accuracies_recorded_by_train(trained_fast94):
     weights, data = trained_fast94
     recorded = torch.load(weights, weights_only=True)
-    with_tta = run_script("inference.py", "--weights", weights, "--data-dir", data, "--json",
-                          "--tta", *CPU_FP32)
-    without = run_script("inference.py", "--weights", weights, "--data-dir", data, "--json",
-                         *CPU_FP32)
+    with_tta = run_main("inference.py", "--weights", weights, "--data-dir", data, "--json",
+                        "--tta", *CPU_FP32)
+    without = run_main("inference.py", "--weights", weights, "--data-dir", data, "--json",
+                       *CPU_FP32)
     assert with_tta.returncode == 0 and without.returncode == 0, with_tta.stderr + without.stderr
     assert json.loads(with_tta.stdout)["tta"] == 2 and json.loads(without.stdout)["tta"] == 0
     # train.py records a float32 mean, inference.py a count ratio: equal to float32 precision.
@@ -185,7 +216,7 @@ def test_tta_on_image_files_averages_the_augmented_views(trained_fast94, tmp_pat
     test_x = load_cifar(data, download=False)["test_x"]
     path = tmp_path / "test_3.png"
     Image.fromarray(test_x[3].permute(1, 2, 0).numpy()).save(path)
-    result = run_script("inference.py", "--weights", weights, "--json", "--tta", "1", path)
+    result = run_main("inference.py", "--weights", weights, "--json", "--tta", "1", path)
     assert result.returncode == 0, result.stderr
     model, w = load_weights(str(weights))
     expected = predict_logits(model, test_x[[3]], torch.tensor(w["mean"]),
@@ -197,8 +228,8 @@ def test_tta_on_image_files_averages_the_augmented_views(trained_fast94, tmp_pat
 
 def test_native_conv_gives_the_hand_written_convs_report(trained_fast94):
     weights, data = trained_fast94
-    reports = [run_script("inference.py", "--weights", weights, "--data-dir", data, "--json",
-                          *CPU_FP32, "--conv", conv) for conv in ("hand", "native")]
+    reports = [run_main("inference.py", "--weights", weights, "--data-dir", data, "--json",
+                        *CPU_FP32, "--conv", conv) for conv in ("hand", "native")]
     assert all(r.returncode == 0 for r in reports), [r.stderr for r in reports]
     hand, native = (json.loads(r.stdout) for r in reports)
     assert hand["confusion"] == native["confusion"]      # every prediction the same

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_script, write_cifar10
+from conftest import run_main, write_cifar10
 from model import build_model
 from precision import autocast, cpu_has, describe, pick_precision
 
@@ -82,9 +82,9 @@ def test_bf16_training_run_and_its_weights(tmp_path):
     data = str(tmp_path / "data")
     write_cifar10(data, per_file=40, n_test=30)
     out = tmp_path / "run"
-    result = run_script("train.py", "--preset", "fast94", "--epochs", "2", "--batch-size", "50",
-                        "--device", "cpu", "--data-dir", data, "--out", out,
-                        env={"CIFAR_CPU_AMX": "1"})
+    result = run_main("train.py", "--preset", "fast94", "--epochs", "2", "--batch-size", "50",
+                      "--device", "cpu", "--data-dir", data, "--out", out,
+                      env={"CIFAR_CPU_AMX": "1"})
     assert result.returncode == 0, result.stderr
     assert result.stderr.startswith("device: cpu, precision: bf16 (AMX)\n")
     assert "training loss became" not in result.stderr
@@ -98,8 +98,8 @@ def test_bf16_training_run_and_its_weights(tmp_path):
 
     accuracies = {}
     for precision in ("fp32", "bf16"):
-        report = run_script("inference.py", "--weights", out / "weights.pt", "--data-dir", data,
-                            "--device", "cpu", "--precision", precision, "--json")
+        report = run_main("inference.py", "--weights", out / "weights.pt", "--data-dir", data,
+                          "--device", "cpu", "--precision", precision, "--json")
         assert report.returncode == 0, report.stderr
         assert f"precision: {precision} (--precision {precision}" in report.stderr
         accuracies[precision] = json.loads(report.stdout)["accuracy"]
@@ -110,9 +110,9 @@ def test_bf16_training_run_and_its_weights(tmp_path):
 
 
 def test_conv_benchmark_in_bf16_compares_with_the_channels_last_native_net():
-    result = run_script("benchmark.py", "--conv", "--device", "cpu", "--models", "seed",
-                        "--batch-size", "2", "--warmup", "1", "--repeats", "1",
-                        "--epoch-images", "4", "--precision", "bf16")
+    result = run_main("benchmark.py", "--conv", "--device", "cpu", "--models", "seed",
+                      "--batch-size", "2", "--warmup", "1", "--repeats", "1",
+                      "--epoch-images", "4", "--precision", "bf16")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "cpu, bf16 autocast, channels_last (precision: bf16 (--precision bf16" in lines[0]
@@ -122,7 +122,7 @@ def test_conv_benchmark_in_bf16_compares_with_the_channels_last_native_net():
 
 
 def test_the_timing_study_refuses_bf16_in_one_line():
-    result = run_script("benchmark.py", "--precision", "bf16")
+    result = run_main("benchmark.py", "--precision", "bf16")
     assert result.returncode == 2
     assert result.stderr == ("error: benchmark.py: --precision bf16 goes with --conv (the timing "
                              "study runs float32) (see --help)\n")

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from conftest import CPU_FP32, run_script, write_cifar10
-from model import Conv2d
-from pretrained import (BACKBONES, Conv2dTFSame, PretrainedError, classifier, lite_state_dict,
-                        load_backbone, swap_convs, tf_same_pads)
-from train import get_args, lr_factor, make_optimizers
+from conftest import CPU_FP32, run_main, write_cifar10, write_cifar100
+from conv import Conv2d, Conv2dTFSame, swap_convs, tf_same_pads
+from optim import lr_factor, make_optimizers
+from pretrained import BACKBONES, PretrainedError, classifier, lite_state_dict, load_backbone
+from train import get_args
 
 IMAGENET_CLASSES = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
 
@@ -81,7 +81,7 @@ def test_the_backbone_trains_slower_than_its_new_head():
     args = get_args(["--pretrained", "efficientnet_lite0"])
     assert (args.preset, args.model, args.decay) == ("finetune", "efficientnet_lite0", "cosine")
     model = load_backbone("efficientnet_lite0", 10, imagenet=False, image_size=64)
-    (sgd,), _ = make_optimizers(model, args)
+    (sgd,) = make_optimizers(model, args)
     body, shifts, head = sgd.param_groups
     assert head["lr"] == pytest.approx(0.05) and body["lr"] == pytest.approx(0.01)
     assert shifts["lr"] == pytest.approx(0.01)
@@ -109,16 +109,17 @@ def test_cosine_decay_after_the_warm_up():
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
-def test_fine_tuning_runs_end_to_end_and_inference_reproduces_it(dataset, tmp_path,
-                                                                 cifar100_dir):
-    data = cifar100_dir if dataset == "cifar100" else str(tmp_path / "data")
+def test_fine_tuning_runs_end_to_end_and_inference_reproduces_it(dataset, tmp_path):
+    data = str(tmp_path / "data")                      # 2 steps of 16 images
     if dataset == "cifar10":
-        write_cifar10(data, per_file=16, n_test=20)
+        write_cifar10(data, per_file=8, n_test=20)
+    else:
+        write_cifar100(data, n_train=32, n_test=20)
     out = tmp_path / "run"
-    result = run_script("train.py", "--pretrained", "efficientnet_lite0", "--image-size", "48",
-                        "--dataset", dataset, "--epochs", "1", "--batch-size", "16",
-                        "--val-size", "0", "--tta", "0", *CPU_FP32, "--data-dir", data,
-                        "--out", out)
+    result = run_main("train.py", "--pretrained", "efficientnet_lite0", "--image-size", "48",
+                      "--dataset", dataset, "--epochs", "1", "--batch-size", "16",
+                      "--val-size", "0", "--tta", "0", *CPU_FP32, "--data-dir", data,
+                      "--out", out)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"done: finetune (efficientnet_lite0) on {dataset}, 1 epochs")
     weights = torch.load(out / "weights.pt", weights_only=True)
@@ -127,14 +128,14 @@ def test_fine_tuning_runs_end_to_end_and_inference_reproduces_it(dataset, tmp_pa
     assert weights["mean"] == [0.5, 0.5, 0.5] and weights["std"] == [0.5, 0.5, 0.5]
     classes = 100 if dataset == "cifar100" else 10
     assert weights["state_dict"]["net.classifier.weight"].shape == (classes, 1280)
-    report = run_script("inference.py", "--weights", out / "weights.pt", "--data-dir", data,
-                        *CPU_FP32, "--json")
+    report = run_main("inference.py", "--weights", out / "weights.pt", "--data-dir", data,
+                      *CPU_FP32, "--json")
     assert report.returncode == 0, report.stderr
     assert f'"accuracy": {weights["test_accuracy"]}' in report.stdout
 
 
 def test_image_size_without_a_pretrained_backbone_is_one_line():
-    result = run_script("train.py", "--image-size", "64")
+    result = run_main("train.py", "--image-size", "64")
     assert result.returncode == 2
     assert result.stderr == ("error: train.py: --image-size goes with --pretrained "
                              "(see --help)\n")

@@ -3,8 +3,9 @@ import torch
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from benchmark import conv_layers, fmt_shape, network, random_epoch, train_epoch_seconds
-from conftest import run_script
+from benchmark import (conv_layers, conv_shapes, fmt_shape, network, random_epoch,
+                       train_epoch_seconds)
+from conftest import run_main, run_script
 
 
 def test_benchmark_prints_markdown_tables_with_ratios():
@@ -24,20 +25,26 @@ def test_benchmark_prints_markdown_tables_with_ratios():
 
 
 def test_conv_benchmark_times_every_layer_shape_and_ends_with_the_geomeans():
-    result = run_script("benchmark.py", "--conv", "--device", "cpu", "--models", "fast94",
-                        "--batch-size", "2", "--warmup", "1", "--repeats", "1",
-                        "--epoch-images", "4")
+    result = run_main("benchmark.py", "--conv", "--device", "cpu", "--models", "seed",
+                      "--batch-size", "2", "--warmup", "1", "--repeats", "1",
+                      "--epoch-images", "4")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    layers = [row.split("|")[1].strip() for row in lines if row.startswith("| fast94.")]
-    # The whitening conv and the 3x3 convs (without bias) of the three groups, in order; the
-    # first conv of the last group has the shape of the one before it and is timed once.
-    assert layers == ["fast94.whiten"] + [f"fast94.groups.{name}" for name in (
-        "0.convs.0", "0.convs.1", "1.convs.0", "1.convs.1", "2.convs.1")]
-    assert any(row.startswith("| fast94 (batch 2) |") for row in lines)
+    layers = [row.split("|")[1].strip() for row in lines if row.startswith("| seed.")]
+    assert layers == ["seed.conv1", "seed.conv2", "seed.conv3"]
+    assert any(row.startswith("| seed (batch 2) |") for row in lines)
     assert lines[-2].startswith("geomean inference ratio (hand/native): ")
     assert lines[-1].startswith("geomean train-step ratio (hand/native): ")
     assert float(lines[-1].split()[-1]) > 0
+
+
+def test_conv_benchmark_times_each_distinct_layer_shape_once():
+    # fast94: the whitening conv and the 3x3 convs (without bias) of the three groups, in
+    # order; the first conv of the last group has the shape of the one before it.
+    shapes = conv_shapes(["fast94"], 2, None)
+    assert [label for label, *_ in shapes] == ["fast94.whiten"] + [
+        f"fast94.groups.{name}" for name in ("0.convs.0", "0.convs.1", "1.convs.0",
+                                             "1.convs.1", "2.convs.1")]
 
 
 def test_conv_benchmark_finds_a_pretrained_backbones_depthwise_and_strided_convs():
@@ -65,7 +72,7 @@ def test_conv_benchmark_resnet18_is_model_pys_cifar_network():
 
 
 def test_benchmark_rejects_unknown_variant():
-    result = run_script("benchmark.py", "--variants", "onnx")
+    result = run_main("benchmark.py", "--variants", "onnx")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: benchmark.py: unknown variants: onnx (see --help)"
 
@@ -86,7 +93,7 @@ def test_plot_draws_validation_accuracy_from_event_files(tmp_path):
 
 
 def test_plot_refuses_a_folder_without_accuracy(tmp_path):
-    result = run_script("plot.py", tmp_path)
+    result = run_main("plot.py", tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: no 'val/accuracy' scalars in the TensorBoard "
                                      f"events of {tmp_path}")

@@ -1,0 +1,176 @@
+"""A run's checkpoints: written atomically with the previous one kept, read back (offering
+the previous one when the latest is corrupt), the flags a resume may change, the RNG states
+that make a resume exact, and the lock that keeps two runs out of one folder."""
+import contextlib
+import os
+import shutil
+
+import torch
+
+from data import DataError, load_torch_file
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "rng", "args")
+
+
+def atomic_save(obj, path, keep_previous=False):
+    """Write to a temp file beside `path`, then rename: a crash or a failed write (disk full,
+    file-size limit, read-only folder) never leaves half a file, and a file already at `path`
+    stays as it was. keep_previous: that file stays on as `previous_path(path)` (a hard link,
+    not a copy), so that a checkpoint found corrupt later has a good one beside it."""
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(obj, tmp)
+        if keep_previous and os.path.exists(path):
+            keep_as(path, previous_path(path))
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:   # torch.save reports a failed write as RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else \
+            f"the write failed: disk full or a file-size limit? {str(e).splitlines()[0]}"
+        kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
+        raise OSError(f"could not write {path} ({why}); {kept}") from None
+
+
+def previous_path(path):
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
+def keep_as(path, kept):
+    """`kept` becomes another name of the file at `path` (a copy where the filesystem has no
+    hard links), in one rename: it is never half there."""
+    tmp = f"{kept}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)                        # left by a run killed right here
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, kept)
+
+
+def lock_run_folder(folder):
+    """Hold an exclusive lock on FOLDER/.lock while the returned file stays open, so that a
+    second run on the same folder refuses to start. The OS drops the lock when the process
+    ends, however it ends: a killed run leaves none behind, and no process id is trusted.
+    Where there is no flock (Windows, some network filesystems), runs go unlocked (None)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise OSError(f"another run (process {holder}) is writing {folder}; wait for it to "
+                      f"end or give another --out") from None
+    except OSError:   # the filesystem has no locks
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def rng_states(data_gen):
+    states = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states, data_gen):
+    torch.set_rng_state(states["torch"])
+    data_gen.set_state(states["data"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def checkpoint_file(resume):
+    """The file --resume names, when it names a file rather than a run folder."""
+    return resume if resume.endswith(".pt") else None
+
+
+def read_checkpoint(resume):
+    """The checkpoint --resume names (RUN_DIR/checkpoint.pt, or a checkpoint file) and the run
+    folder it continues. One that cannot be read names the previous one kept beside it, when
+    that one reads."""
+    path = checkpoint_file(resume) or os.path.join(resume, "checkpoint.pt")
+    try:
+        return (load_torch_file(path, "checkpoint", CHECKPOINT_KEYS),
+                os.path.dirname(path) or ".")
+    except DataError as error:
+        previous = previous_path(path)
+        kept = intact_checkpoint(previous) if os.path.isfile(path) else None
+        if kept is None:
+            raise
+        raise DataError(f"{error}; the previous checkpoint ({checkpoint_position(kept)}) is "
+                        f"intact: python src/train.py --resume {previous} continues from it"
+                        ) from None
+
+
+def set_aside_other_checkpoint(run_dir, resume_file):
+    """A run resumed from another file (checkpoint.prev.pt) keeps the checkpoint.pt it leaves
+    behind as checkpoint.set-aside.pt: its first save would otherwise make that one (corrupt,
+    maybe) the previous checkpoint, and the file it resumed from would be gone."""
+    current = os.path.join(run_dir, "checkpoint.pt")
+    if resume_file and os.path.exists(current) and not os.path.samefile(resume_file, current):
+        os.replace(current, os.path.join(run_dir, "checkpoint.set-aside.pt"))
+
+
+def intact_checkpoint(path):
+    """The checkpoint at `path` if there is one that reads, else None."""
+    try:
+        return load_torch_file(path, "checkpoint", CHECKPOINT_KEYS)
+    except DataError:
+        return None
+
+
+# The flags a resume may set: where and how it runs, not what it trains.
+RESUME_FLAGS = ("resume", "device", "precision", "grad_clip", "data_dir", "dist_timeout")
+
+
+def check_resume_flags(args, given, saved):
+    """A resumed run continues with the flags it was started with: one given on the command
+    line with another value is an error, not silently ignored."""
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})"
+               for k in given if k not in RESUME_FLAGS and k in saved
+               and getattr(args, k) != saved[k]]
+    if changed:
+        allowed = [f"--{k.replace('_', '-')}" for k in RESUME_FLAGS if k != "resume"]
+        raise ValueError(f"a resumed run keeps its own flags: {', '.join(changed)}; a resume "
+                         f"takes only {', '.join(allowed[:-1])} and {allowed[-1]} (start a new "
+                         f"run in another --out to change the rest)")
+
+
+def checkpoint_position(ckpt):
+    epochs = ckpt["args"].get("epochs", "?")
+    if "partial" in ckpt:
+        return f"epoch {ckpt['epoch'] + 2}/{epochs}, step {ckpt['partial']['steps']}"
+    return f"after epoch {ckpt['epoch'] + 1}/{epochs}"
+
+
+def flags_of_resumed_run(args):
+    """With --resume: (the checkpoint, the file --resume named or None), args set to the run's
+    own flags (see check_resume_flags). Otherwise (None, None)."""
+    given = vars(args).pop("given", [])
+    if not args.resume:
+        args.precision = args.precision or "auto"
+        return None, None
+    ckpt, run_dir = read_checkpoint(args.resume)
+    resume_file = checkpoint_file(args.resume)
+    check_resume_flags(args, given, ckpt["args"])
+    # The run's own flags, but where and how it runs as typed now (the device: as typed or
+    # auto). A checkpoint from before --precision and --grad-clip existed ran float32 on the
+    # CPU without clipping; --grad-clip on a resume is the way on after a NaN.
+    typed = {k: getattr(args, k) for k in RESUME_FLAGS if k in given or k == "device"}
+    args.__dict__.update({"precision": "fp32", "grad_clip": 0.0, **ckpt["args"], **typed})
+    args.resume, args.out = run_dir, run_dir
+    return ckpt, resume_file
