@@ -163,7 +163,7 @@ def timing_study(args, device):
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print(markdown(rows, 1e3, "median ms/batch", rows[0][1]))
 
-    if not args.skip_epoch:
+    if args.epoch_images:
         images, labels = random_epoch(args.epoch_images, device)
         epoch_rows = []
         for name in [v for v in ("eager", "torch.compile") if v in variants]:
@@ -438,12 +438,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--epoch-images", type=int, default=45000,
-                   help="images in the timed training epochs (45,000 = a real epoch; 0 skips "
-                        "them in --conv)")
+                   help="images in the timed training epochs (45,000 = a real epoch; 0: time "
+                        "no epoch)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"timing study: comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--skip-epoch", action="store_true",
-                   help="timing study: time only the forward pass")
     p.add_argument("--models", default="all",
                    help="--conv: comma-separated models (or pretrained backbones), or all "
                         "(every model of model.py)")

@@ -100,9 +100,9 @@ def all_gather(obj):
 
 
 def wrap(model, device):
-    """The model in DistributedDataParallel (the model itself in one process). DDP tracks the
-    parameters that require a gradient when it is built: build a new wrapper when that set
-    changes (the fast presets freeze the whitening bias after a few epochs)."""
+    """The model in DistributedDataParallel (the model itself in one process). DDP reduces the
+    gradients of the parameters that require one when it is built; the set never changes
+    during a run (a parameter stops training by a zero LR, see optim.make_schedulers)."""
     if world_size() == 1:
         return model
     device_ids = None if device.type == "cpu" else [device.index]

@@ -40,7 +40,7 @@ class SeedNet(nn.Module):
     then three fully connected layers with dropout before the second and the third.
 
     32x32 -> 16x16 -> 8x8 -> 4x4 spatially. Widths are chosen so that 25 epochs train on a
-    2-core CPU in about an hour (see README); the structure is the seed's."""
+    2-core CPU in about an hour (docs/results.md); the structure is the seed's."""
 
     def __init__(self, num_classes=10, conv=Conv2d, widths=(64, 128, 256), hidden=(512, 256),
                  dropout=0.3):

@@ -55,6 +55,14 @@ class FilterMuon(torch.optim.Muon):
         super().__init__([torch.nn.Parameter(f.detach().view(f.shape[0], -1))
                           for f in self.filters], **kwargs)
 
+    def zero_grad(self, set_to_none=True):
+        super().zero_grad(set_to_none)
+        for f in self.filters:                 # the filters are no optimiser's parameters
+            if set_to_none:
+                f.grad = None
+            elif f.grad is not None:
+                f.grad.zero_()
+
     @torch.no_grad()
     def step(self, closure=None):
         for f, matrix in zip(self.filters, self.param_groups[0]["params"]):
@@ -72,7 +80,7 @@ def make_optimizers(model, args):
         params = [(module, p) for module, p in params if p.ndim != 4]
     # A pretrained backbone's new classifier trains at the full LR, the rest slower.
     head = list(classifier(model.net).parameters()) if args.pretrained else []
-    # The fast nets' whitening bias trains for whiten_bias_epochs, then stops (see lr_lambdas).
+    # The fast nets' whitening bias trains for whiten_bias_epochs, then stops (make_schedulers).
     frozen_later = [dict(model.named_parameters())["whiten.bias"]] \
         if args.whiten_bias_epochs and isinstance(model, FastNet) else []
     optimizers = [torch.optim.SGD(optimizer_groups(params, args, head, frozen_later),

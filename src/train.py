@@ -152,29 +152,30 @@ def train(args):
     """One training run, stopping at a step boundary on SIGTERM or SIGINT (see `Stopped`):
     set up, train epoch after epoch (each ending in a checkpoint), evaluate on the test set."""
     with deferred_stop_signals() as received:
-        run = set_up(args, received)
+        run = SimpleNamespace(args=args, received=received, lock=None, writer=None)
         try:
+            set_up(run)
             for epoch in range(run.start_epoch, args.epochs):
                 end_epoch(run, epoch, train_epoch(run, epoch))
             return finish(run)
-        finally:
+        finally:   # however the run ends: the folder's lock, and the events written so far
             if run.writer is not None:
                 run.writer.close()
             if run.lock is not None:
                 run.lock.close()
 
 
-def set_up(args, received):
-    """Everything a run holds, as one namespace: its flags (a resumed run's own), device, data
-    on the device, model, optimisers, and where a resumed run continues from."""
-    ckpt, resume_file = flags_of_resumed_run(args)
-    run = SimpleNamespace(args=args, received=received, ckpt=ckpt, lock=None, writer=None)
+def set_up(run):
+    """Everything a run holds, into the namespace `run`: its flags (a resumed run's own),
+    device, data on the device, model, optimisers, and where a resumed run continues from."""
+    args = run.args
+    run.ckpt, resume_file = flags_of_resumed_run(args)
     set_up_device(run)
     set_up_data(run, resume_file)
     set_up_model(run)
     run.start_epoch, run.partial = 0, None
-    if ckpt is not None:
-        restore(run, ckpt)
+    if run.ckpt is not None:
+        restore(run, run.ckpt)
     set_up_step_model(run)
     if run.main:
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
@@ -186,7 +187,6 @@ def set_up(args, received):
             + (f" of {world} x {args.batch_size // world} images" if world > 1 else "")
             + f", logs in {args.out}")
     run.started = time.perf_counter()
-    return run
 
 
 def set_up_device(run):
@@ -278,6 +278,12 @@ def restore(run, ckpt):
     run.model.load_state_dict(ckpt["model"])
     for objects, states in ((run.optimizers, ckpt["optimizer"]),
                             (run.schedulers, ckpt["scheduler"])):
+        states = states if isinstance(states, list) else [states]   # one SGD: older files
+        if [len(s.get("param_groups", [])) for s in states if "param_groups" in s] != [
+                len(o.param_groups) for o in objects if hasattr(o, "param_groups")]:
+            raise ValueError(f"{run.args.out}'s checkpoint was written by an older version of "
+                             f"this repo (other optimiser parameter groups): it cannot resume "
+                             f"here; start a new run")
         for obj, state in zip(objects, states):
             obj.load_state_dict(state)
     set_rng_states(ckpt["rng"], run.data_gen)
@@ -302,7 +308,9 @@ def set_up_step_model(run):
         return
     saved = {k: v.clone() for k, v in run.model.state_dict().items()}
     compile_clock = stopwatch(run.device)
-    with run.autocast:
+    # The warm-up's dropout draws leave the RNG as they found it: a resume stays exact.
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []), \
+            run.autocast:
         run.step_model(normalize(run.train_x[:args.batch_size // run.world], run.mean, run.std)
                        ).float().sum().backward()
     run.model.zero_grad(set_to_none=True)
@@ -363,7 +371,7 @@ def train_step(run, idx, epoch, global_step):
         opt.zero_grad(set_to_none=True)
     loss.backward()
     if args.grad_clip:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+        torch.nn.utils.clip_grad_norm_(training_parameters(run), args.grad_clip)
     lr_used = run.optimizers[0].param_groups[0]["lr"]
     for opt, sched in zip(run.optimizers, run.schedulers):
         opt.step()
@@ -371,6 +379,14 @@ def train_step(run, idx, epoch, global_step):
     if run.lookahead is not None:
         run.lookahead.step(global_step)
     return lr_used, loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def training_parameters(run):
+    """The model's parameters but those whose training has ended (a group marked
+    `trains_epochs` whose LR is 0 now): what gradient clipping measures."""
+    ended = {id(p) for opt in run.optimizers for g in opt.param_groups
+             if "trains_epochs" in g and g["lr"] == 0 for p in g["params"]}
+    return [p for p in run.model.parameters() if id(p) not in ended]
 
 
 def end_epoch(run, epoch, sums):

@@ -28,33 +28,6 @@ def load_weights(run_dir):
     return torch.load(os.path.join(run_dir, "weights.pt"), weights_only=True)
 
 
-def test_two_processes_write_one_set_of_logs_checkpoint_and_weights(tmp_path):
-    data = str(tmp_path / "data")
-    write_cifar10(data, per_file=40, n_test=31)      # 31: shares of 16 and 15 test images
-    out = tmp_path / "run"
-    result = torchrun("--epochs", "2", "--val-size", "21", "--batch-size", "32", "--lr", "0.01",
-                      *CPU_FP32, "--data-dir", data, "--out", out)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("done: ") == 1 and " on cpu x 2 processes " in result.stdout
-    assert result.stderr.count("epoch   2/2  train loss") == 1       # rank 0 alone prints
-    assert "179 train / 21 val images, 5 steps per epoch of 2 x 16 images" in result.stderr
-
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events.")) == [
-        ".lock", "checkpoint.prev.pt", "checkpoint.pt", "weights.pt"]
-    assert len(list(out.glob("events.*"))) == 1
-    events = EventAccumulator(str(out))
-    events.Reload()
-    assert [e.step for e in events.Scalars("val/accuracy")] == [1, 2]
-    # The reported test accuracy is that of the whole test set, not of rank 0's share.
-    weights = load_weights(out)
-    model = build_model("seed")
-    model.load_state_dict(weights["state_dict"])
-    test = load_cifar(data, "cifar10", download=False)
-    logits = predict_logits(model, test["test_x"], torch.tensor(weights["mean"]),
-                            torch.tensor(weights["std"]))
-    assert weights["test_accuracy"] == (logits.argmax(1) == test["test_y"]).sum().item() / 31
-
-
 def test_two_processes_train_the_weights_one_process_trains(fast94_run, tmp_path):
     # fast94: BatchNorm (synchronised over the ranks), lookahead, the alternating flip,
     # translations, and the whitening bias stopping after 3 of the 4 epochs.
@@ -100,16 +73,38 @@ STEPS = 18     # per epoch of the interrupted runs below: time to interrupt one 
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    """(flags, data folder, run folder) of an uninterrupted 2-process seed run that the
-    interrupted ones below must end equal to."""
+    """(flags, CompletedProcess, run folder, data folder) of an uninterrupted 2-process seed
+    run, which the interrupted ones below must end equal to."""
     root = tmp_path_factory.mktemp("straight")
     data = str(root / "data")
-    write_cifar10(data, per_file=120, n_test=20)     # 580 training images: 18 steps of 32
-    args = ["--epochs", "2", "--val-size", "20", "--batch-size", "32", *CPU_FP32,
+    write_cifar10(data, per_file=120, n_test=31)     # 31: shares of 16 and 15 test images
+    args = ["--epochs", "2", "--val-size", "21", "--batch-size", "32", *CPU_FP32,
             "--data-dir", data]
     result = torchrun(*args, "--out", root / "run")
     assert result.returncode == 0, result.stderr
-    return args, root / "run"
+    return args, result, root / "run", data
+
+
+def test_two_processes_write_one_set_of_logs_checkpoint_and_weights(straight_run):
+    _, result, out, data = straight_run
+    assert result.stdout.count("done: ") == 1 and " on cpu x 2 processes " in result.stdout
+    assert result.stderr.count("epoch   2/2  train loss") == 1       # rank 0 alone prints
+    assert f"579 train / 21 val images, {STEPS} steps per epoch of 2 x 16 images" in \
+        result.stderr
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events.")) == [
+        ".lock", "checkpoint.prev.pt", "checkpoint.pt", "weights.pt"]
+    assert len(list(out.glob("events.*"))) == 1
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/accuracy")] == [1, 2]
+    # The reported test accuracy is that of the whole test set, not of rank 0's share.
+    weights = load_weights(out)
+    model = build_model("seed")
+    model.load_state_dict(weights["state_dict"])
+    test = load_cifar(data, "cifar10", download=False)
+    logits = predict_logits(model, test["test_x"], torch.tensor(weights["mean"]),
+                            torch.tensor(weights["std"]))
+    assert weights["test_accuracy"] == (logits.argmax(1) == test["test_y"]).sum().item() / 31
 
 
 def resume_ends_equal(run, straight, message):
@@ -123,7 +118,7 @@ def resume_ends_equal(run, straight, message):
 
 
 def test_a_killed_rank_ends_the_job_and_the_run_resumes_under_torchrun(straight_run, tmp_path):
-    args, straight = straight_run
+    args, _, straight, _ = straight_run
     run = tmp_path / "run"
     job, rank1 = start_and_wait_for_a_checkpoint([*args, "--dist-timeout", "60"], run)
     os.kill(rank1, signal.SIGKILL)
@@ -138,7 +133,7 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_under_torchrun(straight_
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(straight_run, tmp_path):
-    args, straight = straight_run
+    args, _, straight, _ = straight_run
     run = tmp_path / "run"
     job, rank1 = start_and_wait_for_a_checkpoint(args, run)
     os.kill(rank1, signal.SIGTERM)                  # rank 1 alone is told to stop
@@ -207,6 +202,7 @@ def test_global_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
     assert "rank 0 equal" in result.stdout and "rank 1 equal" in result.stdout
 
 
+@pytest.mark.slow    # waits out a timeout by design: ./test.sh -m slow
 def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout(tmp_path):
     data = str(tmp_path / "data")
     write_cifar10(data, per_file=120, n_test=20)

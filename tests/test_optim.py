@@ -64,6 +64,8 @@ def test_muon_updates_the_conv_filters_through_matrices_sharing_their_storage():
     model(torch.randn(4, 3, 32, 32)).square().mean().backward()
     muon.step()                            # hands each filter's gradient to its matrix
     assert all(not torch.equal(b, w) for b, w in zip(before, filters))
+    muon.zero_grad()                       # the filters' gradients too: no sum over steps
+    assert all(f.grad is None for f in filters)
 
 
 def test_lr_schedule_is_piecewise_linear():

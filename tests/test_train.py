@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,10 +16,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import CPU_FP32, FAST94_RUN, SRC, run_main, run_script, write_cifar10, write_cifar100
 from data import load_cifar, normalize
-from model import whitening_filters
-from optim import lr_factor
+from model import build_model, whitening_filters
+from optim import lr_factor, make_optimizers, make_schedulers
 from preemption import deferred_stop_signals
-from train import get_args
+from train import get_args, training_parameters
 
 TINY = ["--val-size", "20", "--batch-size", "32", *CPU_FP32]
 
@@ -356,3 +357,18 @@ def test_wider_and_residual_presets_take_a_step(preset, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"done: {preset} on cifar10, 1 epochs in ")
     assert torch.load(tmp_path / "run" / "weights.pt", weights_only=True)["model"] == preset
+
+
+def test_gradient_clipping_leaves_out_a_parameter_whose_training_has_ended():
+    model = build_model("fast94")
+    args = get_args(["--preset", "fast94", "--epochs", "4"])
+    optimizers = make_optimizers(model, args)
+    run = SimpleNamespace(model=model, optimizers=optimizers,
+                          schedulers=make_schedulers(optimizers, 2, args))
+    assert any(p is model.whiten.bias for p in training_parameters(run))
+    for _ in range(6):                               # 3 epochs of 2 steps (without gradients)
+        for opt, sched in zip(run.optimizers, run.schedulers):
+            opt.step()
+            sched.step()
+    assert not any(p is model.whiten.bias for p in training_parameters(run))
+    assert len(training_parameters(run)) == len(list(model.parameters())) - 1
