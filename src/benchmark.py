@@ -12,8 +12,7 @@ forward (inference) and forward+backward (a training step) with the hand-written
 the native one on the same inputs, alternating the two; then one training epoch of each whole
 network with either conv. `--models` also takes the pretrained backbones (pretrained.py, at
 --image-size; their TensorFlow 'SAME' convs are timed with the symmetric padding that gives
-the same output size), except torchvision's resnet18: that name means model.py's CIFAR
-ResNet-18. --precision picks float32 or bf16 autocast as training does (auto: bf16 on CUDA and
+the same output size). --precision picks float32 or bf16 autocast as training does (auto: bf16 on CUDA and
 on CPUs with AMX); in bf16 the inputs and the native convs are channels_last, the native
 network's best form, on CPU and CUDA alike. Every number is a median of --repeats after
 --warmup calls; every ratio is hand / native from the same run.
@@ -186,8 +185,7 @@ def timing_study(args, device):
 # Hand-written conv vs native conv
 
 def network(name, conv, image_size=None):
-    """A network of model.py, or a pretrained backbone's architecture (no weights needed). A
-    name that is both (resnet18) means model.py's network, the one `--models all` lists."""
+    """A network of model.py, or a pretrained backbone's architecture (no weights needed)."""
     if name in MODELS:
         return build_model(name, 10, conv=conv)
     return load_backbone(name, 10, conv, image_size, imagenet=False)

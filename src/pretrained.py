@@ -34,8 +34,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights",
                        "convnext_tiny": "ConvNeXt_Tiny_Weights", "vit_b_16": "ViT_B_16_Weights",
                        "efficientnet_b0": "EfficientNet_B0_Weights"}
-BACKBONES.update({name: {"torchvision": name, "weights": f"{weights}.IMAGENET1K_V1",
-                         "image_size": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+# Named tv_<torchvision's name>: model.py's resnet18 (the CIFAR form) keeps its own name.
+BACKBONES.update({f"tv_{name}": {"torchvision": name, "weights": f"{weights}.IMAGENET1K_V1",
+                                 "image_size": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
                   for name, weights in TORCHVISION_WEIGHTS.items()})
 
 

@@ -9,7 +9,7 @@ import torch
 
 from checkpoint import atomic_save, check_resume_flags, read_checkpoint, set_aside_other_checkpoint
 from data import DataError
-from train import get_args
+from train_flags import get_args
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path):

@@ -6,7 +6,7 @@ import torch
 from model import build_model
 from optim import (FilterMuon, lookahead_decay, lookahead_pull, lookahead_state, lr_factor,
                    make_optimizers, make_schedulers)
-from train import get_args
+from train_flags import get_args
 
 
 def fast94_args(*flags):

@@ -4,7 +4,7 @@ import pytest
 from model import MODELS
 from presets import PRESETS
 from pretrained import BACKBONES
-from train import get_args
+from train_flags import get_args
 
 
 @pytest.mark.parametrize("preset, expected", [

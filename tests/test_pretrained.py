@@ -15,7 +15,7 @@ from conftest import CPU_FP32, run_main, write_cifar10, write_cifar100
 from conv import Conv2d, Conv2dTFSame, swap_convs, tf_same_pads
 from optim import lr_factor, make_optimizers
 from pretrained import BACKBONES, PretrainedError, classifier, lite_state_dict, load_backbone
-from train import get_args
+from train_flags import get_args
 
 IMAGENET_CLASSES = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
 
@@ -141,8 +141,8 @@ def test_image_size_without_a_pretrained_backbone_is_one_line():
                              "(see --help)\n")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "convnext_tiny", "vit_b_16",
-                                  "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["tv_resnet18", "tv_resnet50", "tv_convnext_tiny",
+                                  "tv_vit_b_16", "tv_efficientnet_b0"])
 def test_torchvision_backbones_get_a_new_head_and_hand_written_convs(name):
     # The architectures only: their ImageNet weights need internet, which tests never have.
     model = load_backbone(name, 7, imagenet=False, image_size=32)
@@ -153,8 +153,8 @@ def test_torchvision_backbones_get_a_new_head_and_hand_written_convs(name):
 
 def test_a_torchvision_backbone_computes_the_same_function_with_either_conv():
     torch.manual_seed(0)
-    native = load_backbone("resnet18", 7, conv="native", imagenet=False, image_size=48)
-    hand = load_backbone("resnet18", 7, imagenet=False, image_size=48)
+    native = load_backbone("tv_resnet18", 7, conv="native", imagenet=False, image_size=48)
+    hand = load_backbone("tv_resnet18", 7, imagenet=False, image_size=48)
     hand.load_state_dict(native.state_dict())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     native, hand = native.double().eval(), hand.double().eval()

@@ -6,6 +6,8 @@ from torch.utils.tensorboard import SummaryWriter
 from benchmark import (conv_layers, conv_shapes, fmt_shape, network, random_epoch,
                        train_epoch_seconds)
 from conftest import run_main, run_script
+from model import MODELS
+from pretrained import BACKBONES
 
 
 def test_benchmark_prints_markdown_tables_with_ratios():
@@ -64,11 +66,14 @@ def test_conv_benchmark_finds_a_pretrained_backbones_depthwise_and_strided_convs
     assert seconds > 0
 
 
-def test_conv_benchmark_resnet18_is_model_pys_cifar_network():
-    """resnet18 is both a model.py network and a torchvision backbone; --models all lists
-    model.py's, so the benchmark must time that one (3x3 stem at 32x32, not 7x7 at 224)."""
+def test_network_names_are_one_network_each():
+    """model.py's networks and the pretrained backbones share no name: resnet18 is the CIFAR
+    ResNet-18 (3x3 stem at 32x32), tv_resnet18 torchvision's (7x7 stem, stride 2)."""
+    assert not set(MODELS) & set(BACKBONES)
     layers = conv_layers("resnet18", 2)
     assert fmt_shape(layers[0][2], layers[0][3]) == "2x3x32x32 -> 64, 3x3"
+    layers = conv_layers("tv_resnet18", 2, image_size=64)
+    assert fmt_shape(layers[0][2], layers[0][3]) == "2x3x64x64 -> 64, 7x7 s2"
 
 
 def test_benchmark_rejects_unknown_variant():

@@ -19,7 +19,8 @@ from data import load_cifar, normalize
 from model import build_model, whitening_filters
 from optim import lr_factor, make_optimizers, make_schedulers
 from preemption import deferred_stop_signals
-from train import get_args, training_parameters
+from train import training_parameters
+from train_flags import get_args
 
 TINY = ["--val-size", "20", "--batch-size", "32", *CPU_FP32]
 
