@@ -98,7 +98,9 @@ def make_schedulers(optimizers, steps_per_epoch, args):
     total = args.epochs * steps_per_epoch
 
     def factor_for(group):
-        last = group.get("trains_epochs", args.epochs) * steps_per_epoch
+        if "trains_epochs" not in group:
+            return lambda step: lr_factor(step, total, args)
+        last = group["trains_epochs"] * steps_per_epoch
         return lambda step: lr_factor(step, total, args) if step < last else 0.0
     return [torch.optim.lr_scheduler.LambdaLR(opt, [factor_for(g) for g in opt.param_groups])
             for opt in optimizers]
