@@ -12,10 +12,10 @@ forward (inference) and forward+backward (a training step) with the hand-written
 the native one on the same inputs, alternating the two; then one training epoch of each whole
 network with either conv. `--models` also takes the pretrained backbones (pretrained.py, at
 --image-size; their TensorFlow 'SAME' convs are timed with the symmetric padding that gives
-the same output size). --precision picks float32 or bf16 autocast as training does (auto: bf16 on CUDA and
-on CPUs with AMX); in bf16 the inputs and the native convs are channels_last, the native
-network's best form, on CPU and CUDA alike. Every number is a median of --repeats after
---warmup calls; every ratio is hand / native from the same run.
+the same output size). --precision picks float32 or bf16 autocast as training does (auto:
+bf16 on CUDA and on CPUs with AMX); in bf16 the inputs and the native convs are
+channels_last, the native network's best form, on CPU and CUDA alike. Every number is a
+median of --repeats after --warmup calls; every ratio is hand / native from the same run.
 """
 import argparse
 import json

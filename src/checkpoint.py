@@ -162,7 +162,6 @@ def flags_of_resumed_run(args):
     own flags (see check_resume_flags). Otherwise (None, None)."""
     given = vars(args).pop("given", [])
     if not args.resume:
-        args.precision = args.precision or "auto"
         return None, None
     ckpt, run_dir = read_checkpoint(args.resume)
     resume_file = checkpoint_file(args.resume)

@@ -15,7 +15,8 @@ PRESETS = {
         "label_smoothing": 0.1,  # soft one-hot targets: a little less over-confidence
         "warmup": 0.15,          # fraction of all steps spent ramping the LR up; the rest decays
         # Without BatchNorm the first steps' gradients are large, and short runs diverged at
-        # the peak LR on some CPUs; clipped, they train at 4x the LR (docs/results.md, seed network).
+        # the peak LR on some CPUs; clipped, they train at 4x the LR (docs/results.md, the seed
+        # network).
         "grad_clip": 5.0,        # gradient-norm clipping (0: none)
         "lr_start": 0.1,         # LR at the first step and at the last, as fractions of the peak
         "lr_end": 0.001,

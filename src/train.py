@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 import cli
 import distributed
-from checkpoint import (CHECKPOINT_KEYS, atomic_save, flags_of_resumed_run, lock_run_folder,
-                        rng_states, set_aside_other_checkpoint, set_rng_states)
+from checkpoint import (atomic_save, flags_of_resumed_run, lock_run_folder, rng_states,
+                        set_aside_other_checkpoint, set_rng_states)
 from data import (DataError, augment, channel_stats, load_cifar, normalize, one_hot,
                   stratified_split)
 from device import describe, optimize_for_device, pick_device, stopwatch
@@ -80,7 +80,7 @@ def set_up(run):
     set_up_model(run)
     run.start_epoch, run.partial = 0, None
     if run.ckpt is not None:
-        restore(run, run.ckpt)
+        restore(run)
     set_up_step_model(run)
     if run.main:
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
@@ -177,20 +177,21 @@ def set_up_model(run):
         if args.lookahead else None
 
 
-def restore(run, ckpt):
+def restore(run):
     """A resumed run's weights, optimiser, schedule, RNG and lookahead states, and where in
     which epoch it continues."""
+    ckpt = run.ckpt
     run.model.load_state_dict(ckpt["model"])
-    for objects, states in ((run.optimizers, ckpt["optimizer"]),
-                            (run.schedulers, ckpt["scheduler"])):
-        states = states if isinstance(states, list) else [states]   # one SGD: older files
-        if [len(s.get("param_groups", [])) for s in states if "param_groups" in s] != [
-                len(o.param_groups) for o in objects if hasattr(o, "param_groups")]:
-            raise ValueError(f"{run.args.out}'s checkpoint was written by an older version of "
-                             f"this repo (other optimiser parameter groups): it cannot resume "
-                             f"here; start a new run")
-        for obj, state in zip(objects, states):
-            obj.load_state_dict(state)
+    # Older files hold one SGD's state rather than a list of them.
+    optimizers, schedulers = ([s] if isinstance(s, dict) else s
+                              for s in (ckpt["optimizer"], ckpt["scheduler"]))
+    if [len(s["param_groups"]) for s in optimizers] != [len(o.param_groups)
+                                                       for o in run.optimizers]:
+        raise ValueError(f"{run.args.out}'s checkpoint was written by an older version of this "
+                         f"repo (other optimiser parameter groups): it cannot resume here; "
+                         f"start a new run")
+    for obj, state in zip(run.optimizers + run.schedulers, optimizers + schedulers):
+        obj.load_state_dict(state)
     set_rng_states(ckpt["rng"], run.data_gen)
     if len(ckpt["rng"].get("torch_ranks", [])) == run.world:
         torch.set_rng_state(ckpt["rng"]["torch_ranks"][distributed.rank()])
@@ -337,7 +338,6 @@ def save_checkpoint(run, completed_epoch, partial=None):
             "train_size": len(run.train_x),
             "lookahead": run.lookahead.state_dict() if run.lookahead is not None else {},
             **({"partial": partial} if partial else {})}
-    assert set(CHECKPOINT_KEYS) <= ckpt.keys()
     atomic_save(ckpt, os.path.join(run.args.out, "checkpoint.pt"), keep_previous=True)
 
 

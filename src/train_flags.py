@@ -90,6 +90,8 @@ def get_args(argv=None):
             setattr(args, key, value)
     if args.model not in MODELS:      # --preset finetune alone: the preset's backbone
         args.pretrained = args.model
+    if args.precision is None and not args.resume:   # a resume keeps its run's, unless given
+        args.precision = "auto"
     check_args(p, args)
     if args.out is None:
         args.out = os.path.join("runs", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
