@@ -1,8 +1,21 @@
-# Sourced by run.sh, run_inference.sh, test.sh and setup_intel.sh: make .venv if missing,
-# (re)install the requirements when they changed since the last install, and activate it.
-# REQUIREMENTS picks the file (setup_intel.sh sets requirements.intel.txt). The caller's
-# working directory is left alone, so relative paths in flags mean what the user meant.
+# Sourced by run.sh, run_inference.sh, reproduce.sh, test.sh and setup_intel.sh: make .venv if
+# missing, (re)install the requirements when they changed since the last install, activate it,
+# and set PYTHON to its interpreter. REQUIREMENTS picks the file (setup_intel.sh sets
+# requirements.intel.txt). The caller's working directory is left alone, so relative paths in
+# flags mean what the user meant.
+#
+# CIFAR_SYSTEM_PYTHON=1: no venv and no pip; use the Python already there (PYTHON, default
+# python3), which must have torch, torchvision and tqdm (a machine without internet, say).
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [ "${CIFAR_SYSTEM_PYTHON:-0}" = 1 ]; then
+    PYTHON="${PYTHON:-python3}"
+    if ! "$PYTHON" -c "import torch, torchvision, tqdm" 2>/dev/null; then
+        echo "error: CIFAR_SYSTEM_PYTHON=1, but $PYTHON cannot import torch, torchvision and" \
+             "tqdm; install them, or unset CIFAR_SYSTEM_PYTHON to use .venv" >&2
+        return 1
+    fi
+    return 0
+fi
 _requirements="$REPO_ROOT/${REQUIREMENTS:-requirements.txt}"
 if [ ! -x "$REPO_ROOT/.venv/bin/python" ]; then
     echo "creating $REPO_ROOT/.venv" >&2
@@ -17,3 +30,4 @@ if ! cmp -s "$_requirements" "$_stamp"; then
 fi
 unset _requirements _stamp
 source "$REPO_ROOT/.venv/bin/activate"
+PYTHON="$REPO_ROOT/.venv/bin/python"

@@ -2,4 +2,4 @@
 # Train: ./run.sh [train.py flags], e.g. ./run.sh --epochs 25 --data-dir data
 set -u
 source "$(dirname "$0")/ensure_venv.sh" || exit 1
-exec python "$REPO_ROOT/src/train.py" "$@"
+exec "$PYTHON" "$REPO_ROOT/src/train.py" "$@"

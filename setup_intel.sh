@@ -15,7 +15,7 @@ for _setvars in "${ONEAPI_ROOT:-/opt/intel/oneapi}/setvars.sh" "$HOME/intel/onea
 done
 export REQUIREMENTS=requirements.intel.txt
 source "$_here/ensure_venv.sh" || return 1
-python - <<'PY'
+"$PYTHON" - <<'PY'
 import torch
 if hasattr(torch, "xpu") and torch.xpu.is_available():
     names = [torch.xpu.get_device_name(i) for i in range(torch.xpu.device_count())]

@@ -2,4 +2,4 @@
 # Tests: ./test.sh [pytest flags]. Needs no dataset: tests write synthetic CIFAR files.
 set -u
 source "$(dirname "$0")/ensure_venv.sh" || exit 1
-cd "$REPO_ROOT" && exec python -m pytest "$@"
+cd "$REPO_ROOT" && exec "$PYTHON" -m pytest "$@"

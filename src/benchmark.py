@@ -179,6 +179,14 @@ def timing_study(args, device):
         print(markdown(epoch_rows, 1, "s/epoch (first step excluded)", epoch_rows[0][1]))
     best = min((r for r in rows if r[1] is not None), key=lambda r: r[1])
     print(f"\nfastest forward: {best[0]} at {best[1] / rows[0][1]:.2f}x eager")
+    return {"forward": ratios_to_first(rows), "epoch": ratios_to_first(epoch_rows)
+            if args.epoch_images else {}}
+
+
+def ratios_to_first(rows):
+    """{variant: its time / the first row's (eager), None where it failed}."""
+    return {name: None if seconds is None or rows[0][1] is None else seconds / rows[0][1]
+            for name, seconds, _, _ in rows}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,6 +403,7 @@ def network_table(args, device, dtype, names):
     images, labels = random_epoch(args.epoch_images, device)
     if dtype is not None:
         images = images.contiguous(memory_format=torch.channels_last)
+    ratios = {}
     for name in names:
         batch = args.batch_size or default_batch_size(name)
         seconds = {}
@@ -404,8 +413,10 @@ def network_table(args, device, dtype, names):
             if conv == "native" and dtype is not None:
                 net = net.to(memory_format=torch.channels_last)
             seconds[conv], _ = train_epoch_seconds(net, images, labels, batch, device, dtype)
+        ratios[name] = seconds["hand"] / seconds["native"]
         print(f"| {name} (batch {batch}) | {seconds['hand']:.1f} | {seconds['native']:.1f} | "
-              f"{seconds['hand'] / seconds['native']:.2f} |", flush=True)
+              f"{ratios[name]:.2f} |", flush=True)
+    return ratios
 
 
 def conv_benchmark(args, device, dtype, why):
@@ -417,10 +428,11 @@ def conv_benchmark(args, device, dtype, why):
           f"warm-up\n")
     infer_ratios, train_ratios = layer_table(args, device, dtype,
                                              conv_shapes(names, args.batch_size, args.image_size))
-    if args.epoch_images:
-        network_table(args, device, dtype, names)
+    networks = network_table(args, device, dtype, names) if args.epoch_images else {}
     print(f"\ngeomean inference ratio (hand/native): {geomean(infer_ratios):.2f}")
     print(f"geomean train-step ratio (hand/native): {geomean(train_ratios):.2f}")
+    return {"precision": mode, "layers": len(train_ratios), "infer": geomean(infer_ratios),
+            "train": geomean(train_ratios), "networks": networks}
 
 
 def main(argv=None):
@@ -445,6 +457,8 @@ def main(argv=None):
                         "(every model of model.py)")
     p.add_argument("--image-size", type=int,
                    help="--conv, pretrained backbones: input resolution (default: theirs)")
+    p.add_argument("--json", metavar="FILE",
+                   help="also write the ratios (hand/native, or each variant/eager) as JSON")
     p.add_argument("--peak-of", help=argparse.SUPPRESS)   # internal: cpu_peak_bytes' child
     p.add_argument("--hand-variant", default="function", choices=sorted(HAND_VARIANTS),
                    help="--conv: which formulation of the hand-written conv to time per layer")
@@ -465,10 +479,14 @@ def main(argv=None):
     except ValueError as e:
         cli.fail(str(e))
     if args.conv:
-        conv_benchmark(args, device, *precision)
+        ratios = conv_benchmark(args, device, *precision)
     else:
         args.batch_size = args.batch_size or 128
-        timing_study(args, device)
+        ratios = timing_study(args, device)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": describe(device), "torch": torch.__version__, **ratios}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

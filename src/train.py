@@ -370,7 +370,8 @@ def finish(run):
                      "std": run.std.tolist(),
                      "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                      "test_accuracy": test_acc, "tta": args.tta,
-                     "test_accuracy_without_tta": test_acc_plain,
+                     "test_accuracy_without_tta": test_acc_plain, "epochs": args.epochs,
+                     "train_seconds": run.timed_seconds,
                      "pretrained": bool(args.pretrained), "image_size": args.image_size},
                     weights_path)
         tta_note = f" with TTA {args.tta} ({test_acc_plain:.4f} without)" if args.tta else ""

@@ -1,4 +1,6 @@
 """benchmark.py and plot.py, run for real on small inputs."""
+import json
+
 import torch
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
@@ -10,10 +12,10 @@ from model import MODELS
 from pretrained import BACKBONES
 
 
-def test_benchmark_prints_markdown_tables_with_ratios():
+def test_benchmark_prints_markdown_tables_with_ratios(tmp_path):
     result = run_script("benchmark.py", "--device", "cpu", "--batch-size", "4", "--warmup", "1",
                         "--repeats", "2", "--variants", "torch.jit.trace,torch.jit.script",
-                        "--epoch-images", "16")
+                        "--epoch-images", "16", "--json", tmp_path / "ratios.json")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     forward = [row for row in lines if row.startswith(("| torch.jit", "| eager"))]
@@ -24,6 +26,10 @@ def test_benchmark_prints_markdown_tables_with_ratios():
     assert "one training epoch of 16 images" in result.stdout
     assert "Warning" not in result.stderr                     # TorchScript's are silenced
     assert lines[-1].startswith("fastest forward: ")
+    ratios = json.loads((tmp_path / "ratios.json").read_text())   # the same ratios, unrounded
+    assert [f"{ratios['forward'][row.split('|')[1].strip()]:.2f}" for row in forward[:3]] == \
+        [row.split("|")[3].strip() for row in forward[:3]]
+    assert list(ratios["epoch"]) == ["eager"] and ratios["epoch"]["eager"] == 1
 
 
 def test_conv_benchmark_times_every_layer_shape_and_ends_with_the_geomeans():

