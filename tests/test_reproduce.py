@@ -8,7 +8,7 @@ import pytest
 
 import jobs
 import reproduce
-from conftest import CPU_FP32, run_main, write_cifar10, write_cifar100
+from conftest import CPU_FP32, run_main
 from test_jobs import calibration, job
 
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)
@@ -38,11 +38,11 @@ def test_each_job_takes_its_largest_size_that_fits():
 def test_a_job_past_the_budget_is_stopped_and_the_next_one_skipped(tmp_path, cifar10_dir):
     cal = calibration(0.001, device="cpu", images=(200, 30))
     ctx = {"device": "cpu", "precision": "fp32", "data_dir": cifar10_dir, "out": str(tmp_path),
-           "env": dict(os.environ)}
+           "packages": None, "env": dict(os.environ)}
     written = []
-    # Readings 60 s apart: the first job is chosen at 0 s (100 s left) and starts at 60 s; its
-    # process is still starting at the next reading, 120 s, past the deadline: it is stopped,
-    # after 180 - 60 = 120 s. The second job is then chosen with nothing left.
+    # Readings 60 s apart: the first job is chosen at 0 s (100 s left) and starts at 60 s; the
+    # next reading, 120 s, is past the deadline: it is stopped, after 180 - 60 = 120 s. The
+    # second job is then chosen with nothing left.
     rows = reproduce.run_jobs([job("weights-seed"), job("weights-fast94")], cal, ctx,
                               deadline=100, clock=StepClock(60), write=written.append)
     first, second = rows
@@ -55,38 +55,30 @@ def test_a_job_past_the_budget_is_stopped_and_the_next_one_skipped(tmp_path, cif
     assert written[-1] == rows and len(written) == 2     # the files after each job
 
 
-@pytest.fixture
-def both_datasets(tmp_path):
-    root = tmp_path / "data"
-    write_cifar10(str(root))
-    write_cifar100(str(root))
-    return str(root)
-
-
-def test_reproduce_measures_skips_fails_and_writes_both_files(tmp_path, both_datasets):
+def test_reproduce_measures_skips_fails_and_writes_both_files(tmp_path, cifar10_dir):
     out = tmp_path / "results"
-    names = "fast94,weights-seed,cifar100-resnet18"
-    result = run_main("reproduce.py", "--budget", "60", "--data-dir", both_datasets, "--out",
+    names = "seed,timing,weights-seed"
+    result = run_main("reproduce.py", "--budget", "120", "--data-dir", cifar10_dir, "--out",
                       out, "--only", names, *CPU_FP32)
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     rows = {r["job"]: r for r in results["rows"]}
     assert list(rows) == names.split(",")                   # in the jobs' order
-    # fast94 needs 1024 training images a step: the synthetic 200 fail, in one line.
-    assert (rows["fast94"]["status"], rows["fast94"]["note"]) == \
-        ("failed", "only 200 training images for batch size 1024")
+    # The seed preset holds out 5,000 validation images: the synthetic 200 fail, in one line.
+    assert (rows["seed"]["status"], rows["seed"]["note"]) == \
+        ("failed", "validation size must be in 0..199, got 5000")
+    # The timing study compiles twice, minutes on any CPU: more than the two given.
+    assert rows["timing"]["status"] == "skipped" and rows["timing"]["value"] is None
+    assert rows["timing"]["note"].startswith(f"needs about {rows['timing']['estimate']:,.0f} s "
+                                             f"here (estimated from timed steps), ")
     inference = run_main("inference.py", "--weights", os.path.join(REPO, "weights",
-                         "seed_cifar10.pt"), "--data-dir", both_datasets, "--json", *CPU_FP32)
+                         "seed_cifar10.pt"), "--data-dir", cifar10_dir, "--json", *CPU_FP32)
     assert rows["weights-seed"]["status"] == "measured"
     assert rows["weights-seed"]["value"] == json.loads(inference.stdout)["accuracy"]
     assert rows["weights-seed"]["command"].startswith("python src/inference.py --weights "
                                                       "weights/seed_cifar10.pt --data-dir ")
-    # 200 epochs of ResNet-18 take far longer than a minute on any CPU.
-    assert rows["cifar100-resnet18"]["status"] == "skipped"
-    assert rows["cifar100-resnet18"]["note"].startswith("needs about ")
     assert results["device"] == reproduce.machine(reproduce.pick_device("cpu"))
-    assert results["budget"] == 60 and results["precision"] == "fp32"
-    assert {r["status"] for r in results["rows"]} == {"measured", "skipped", "failed"}
+    assert results["budget"] == 120 and results["precision"] == "fp32"
     table = (out / "results.md").read_text().splitlines()
     assert table[0] == f"# Results on {results['device']}"
     assert sum(line.startswith("|") for line in table) == 2 + 3       # header, rule, 3 rows
@@ -94,6 +86,26 @@ def test_reproduce_measures_skips_fails_and_writes_both_files(tmp_path, both_dat
         "\n".join(table)
     assert result.stdout.splitlines()[-1].startswith("reproduce: 1 measured, 1 skipped, "
                                                      "1 failed in ")
+    again = run_main("reproduce.py", "--data-dir", cifar10_dir, "--out", out)
+    assert (again.returncode, again.stderr) == (2, f"error: reproduce.py: {out} holds the "
+                                                   f"results of an earlier run; give another "
+                                                   f"--out (see --help)\n")
+
+
+def test_a_network_estimated_from_flop_counts_is_timed_before_its_job_runs():
+    cal = calibration(1e-6, device="cpu")
+    cal["timed"].discard(("seed", 32))
+    cal["batch"] = {("seed", 32): 128}
+    seed = job("seed")
+    # Too little time left to time a step (its estimate is 2e-6 s: 1 s left, a quarter of it
+    # is more; 4e-6 s left is not): the FLOP-count estimate stays.
+    assert not reproduce.time_untimed(seed, seed["sizes"][0], cal, 4e-6, time_network=None)
+    assert not reproduce.time_untimed(seed, seed["sizes"][0], cal, 8e-6, lambda net: 1 / 0)
+
+    def time_network(net):
+        reproduce.time_step(cal, net, reproduce.pick_device("cpu"), None)
+    assert reproduce.time_untimed(seed, seed["sizes"][0], cal, 1.0, time_network)
+    assert ("seed", 32) in cal["timed"] and cal["step"][("seed", 32)] > 1e-4   # a real step
 
 
 def test_a_missing_dataset_skips_its_jobs(tmp_path, cifar10_dir):
@@ -101,15 +113,20 @@ def test_a_missing_dataset_skips_its_jobs(tmp_path, cifar10_dir):
                       tmp_path / "r", "--only", "cifar100-fast96", *CPU_FP32)
     assert result.returncode == 0, result.stderr
     row, = json.loads((tmp_path / "r" / "results.json").read_text())["rows"]
+    folder = os.path.join(cifar10_dir, "cifar-100-python")
     assert (row["status"], row["note"]) == \
-        ("skipped", f"no CIFAR-100 in {os.path.join(cifar10_dir, 'cifar-100-python')}")
+        ("skipped", f"CIFAR-100 not found in {folder}; put the extracted python version there")
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--only", "fast94,nope"], "reproduce.py: unknown jobs: nope; choose from "
                                 + ", ".join(jobs.NAMES) + " (see --help)"),
+    (["--only", ","], "reproduce.py: unknown jobs: ','; choose from "
+                      + ", ".join(jobs.NAMES) + " (see --help)"),
     (["--budget", "0"], "reproduce.py: --budget must be a positive number of seconds "
                         "(see --help)"),
+    (["--budget", "inf"], "reproduce.py: --budget must be a positive number of seconds "
+                          "(see --help)"),
     (["--packages", "/nonexistent"], "reproduce.py: --packages /nonexistent is not a folder "
                                      "(see --help)"),
 ])
@@ -127,6 +144,6 @@ def test_system_python_runs_without_a_venv(tmp_path):
     bare = subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--help"],
                           env={**env, "PYTHON": "/bin/false"}, capture_output=True, text=True)
     assert (bare.returncode, bare.stderr) == (1, "error: CIFAR_SYSTEM_PYTHON=1, but /bin/false "
-                                                 "cannot import torch, torchvision and tqdm; "
-                                                 "install them, or unset CIFAR_SYSTEM_PYTHON to "
-                                                 "use .venv\n")
+                                                 "cannot import torch, torchvision, tqdm and "
+                                                 "tensorboard; install them, or unset "
+                                                 "CIFAR_SYSTEM_PYTHON to use .venv\n")
