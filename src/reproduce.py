@@ -98,9 +98,13 @@ def child_env(packages):
 def process_seconds(env, device):
     """Seconds for a script of this repo to start: every import, and the device's set-up."""
     begin = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {jobs.SRC!r}); "
-                    f"import train, torch; torch.ones(1, device={device.type!r}).sum().item()"],
-                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    started = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {jobs.SRC!r}); import train, "
+         f"torch; torch.ones(1, device={device.type!r}).sum().item()"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if started.returncode != 0:
+        lines = started.stderr.strip().splitlines() or [f"exit code {started.returncode}"]
+        raise ValueError(f"the repo's scripts do not start with {sys.executable}: {lines[-1]}")
     return time.perf_counter() - begin
 
 
@@ -415,7 +419,7 @@ def main(argv=None, clock=time.monotonic):
                         lambda rows: write_results(args.out, {**header, "calibration":
                                                               calibration_rows(cal)}, rows),
                         lambda net: (time_step(cal, net, device, dtype), estimate_untimed(cal)))
-    except (DataError, ValueError, OSError, subprocess.CalledProcessError) as e:
+    except (DataError, ValueError, OSError) as e:
         cli.fail(str(e))
     except KeyboardInterrupt:
         cli.fail(f"interrupted; the jobs that ended are in {args.out}/results.md", 130)
