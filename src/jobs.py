@@ -36,7 +36,7 @@ JOBS = [
     job("conv", "hand-written conv / nn.Conv2d, per layer shape", "conv",
         {"models": CONV_ALL, "repeats": 20, "warmup": 3, "epoch_images": 4096},
         {"models": "seed,fast94", "repeats": 10, "warmup": 2, "epoch_images": 2048},
-        {"models": "seed", "repeats": 5, "warmup": 1, "epoch_images": 1024}),
+        {"models": "seed", "repeats": 10, "warmup": 2, "epoch_images": 2048}),
     job("seed", "seed net, 25 epochs", "train", {"preset": "seed"}),
     job("fast95", "fast95, 15 epochs", "train", {"preset": "fast95"}),
     job("fast96", "fast96, 40 epochs", "train", {"preset": "fast96"}),
