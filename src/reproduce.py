@@ -19,7 +19,6 @@ import os
 import platform
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -30,10 +29,10 @@ from tqdm import tqdm
 
 import cli
 import jobs
-from benchmark import network, timed
+from benchmark import network, random_epoch, train_epoch_seconds
 from data import DataError, load_cifar
 from device import CHOICES as DEVICES, describe, pick_device
-from precision import CHOICES as PRECISIONS, autocast, cpu_has, pick_precision
+from precision import CHOICES as PRECISIONS, cpu_has, pick_precision
 from presets import PRESETS
 from pretrained import BACKBONES, PretrainedError, lite_weights_file
 
@@ -144,22 +143,17 @@ def macs_per_image(net):
 
 
 def step_seconds(net, batch, device, dtype):
-    """(first, later) seconds of an SGD step of `net` (hand-written convs) on `batch` random
-    images; the later one a median of five where one step is short."""
+    """(first, later) seconds of a training step of `net` (hand-written convs) on `batch` random
+    images, timed by benchmark.py's epoch timer; where a step is short, the later one is the
+    mean of five more."""
     torch.manual_seed(0)
-    model = network(net[0], "hand", net[1]).to(device).train()
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step():
-        with autocast(device, dtype):
-            loss = model(x).float().logsumexp(1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    first, later = timed(step, device), timed(step, device)
-    return first, later if later > 0.2 else statistics.median(timed(step, device)
-                                                               for _ in range(5))
+    model = network(net[0], "hand", net[1]).to(device)
+    epoch, first = train_epoch_seconds(model, *random_epoch(2 * batch, device), batch, device,
+                                       dtype)
+    if epoch / 2 > 0.2:
+        return first, epoch / 2
+    epoch, _ = train_epoch_seconds(model, *random_epoch(6 * batch, device), batch, device, dtype)
+    return first, epoch / 6
 
 
 def time_step(cal, net, device, dtype):
@@ -274,11 +268,16 @@ def last_error(log_path, code):
     return errors[-1] if errors else lines[-1] if lines else f"exit code {code}"
 
 
+def job_command(job, size, ctx):
+    """The job's folder (OUT/jobs/<job>) and its command, which writes there."""
+    out = os.path.join(ctx["out"], "jobs", job["name"])
+    return out, jobs.command(job, size, {**ctx, "out": out})
+
+
 def run_job(job, size, estimate, ctx, deadline, clock):
     """Run one size of a job; its row's status, metric, value, text, seconds and note."""
-    out = os.path.join(ctx["out"], "jobs", job["name"])
+    out, argv = job_command(job, size, ctx)
     os.makedirs(out, exist_ok=True)
-    argv = jobs.command(job, size, {**ctx, "out": out})
     code, seconds = run_command(argv, out, job["name"], estimate, deadline, clock, ctx["env"])
     row = {"seconds": round(seconds, 1)}
     if code is None:
@@ -299,7 +298,7 @@ def row_of(job, size, estimate, cal, ctx):
     reproduce.py was started in) and the time it is expected to take."""
     basis = "timed steps" if all(net in cal["timed"] for net, _ in jobs.networks(job, size)) \
         else "FLOP counts"
-    argv = jobs.command(job, size, {**ctx, "out": os.path.join(ctx["out"], "jobs", job["name"])})
+    _, argv = job_command(job, size, ctx)
     prefix = [f"PYTHONPATH={ctx['packages']}"] if ctx["packages"] else []
     return {"job": job["name"], "run": job["label"], "command": shlex.join(
                 prefix + ["python"] + argv),
