@@ -13,11 +13,12 @@ the native one on the same inputs, alternating the two; then one training epoch 
 network with either conv. `--models` also takes the pretrained backbones (pretrained.py, at
 --image-size; their TensorFlow 'SAME' convs are timed with the symmetric padding that gives
 the same output size). --precision picks float32 or bf16 autocast as training does (auto:
-bf16 on CUDA and on CPUs with AMX); in bf16 the inputs and the native convs are
+bf16 on CUDA and on CPUs with AMX or AVX512-BF16); in bf16 the inputs and the native convs are
 channels_last, the native network's best form, on CPU and CUDA alike. Every number is a
 median of --repeats after --warmup calls; every ratio is hand / native from the same run.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -38,6 +39,8 @@ from precision import CHOICES as PRECISIONS, autocast, pick_precision
 from precision import describe as describe_precision
 from conv import Conv2d, conv2d_unfold_autograd
 from conv.functions import UnfoldMatmulConv
+from conv import plans as conv_plans
+from conv.plans import plan_for
 from model import MODELS, build_model
 from pretrained import BACKBONES, load_backbone
 from presets import PRESETS
@@ -106,22 +109,31 @@ def forward_study(model, x, variants, device, warmup, repeats):
     return rows
 
 
-def train_epoch_seconds(model, images, labels, batch_size, device, dtype=None):
-    """Seconds for one epoch of SGD steps over `images` (the first step excluded: it is where
-    torch.compile compiles), and the seconds of that first step; under autocast to `dtype`
-    (None: float32)."""
+def sgd_step(model, device, dtype=None):
+    """A function (x, y) -> None taking one SGD training step of `model` on a batch, under
+    autocast to `dtype` (None: float32)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    model.train()
 
-    def step(i):
-        x, y = images[i:i + batch_size], labels[i:i + batch_size]
+    def step(x, y):
         with autocast(device, dtype):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    return step
 
-    model.train()
+
+def train_epoch_seconds(model, images, labels, batch_size, device, dtype=None):
+    """Seconds for one epoch of SGD steps over `images` (the first step excluded: it is where
+    torch.compile compiles), and the seconds of that first step; under autocast to `dtype`
+    (None: float32)."""
+    train = sgd_step(model, device, dtype)
+
+    def step(i):
+        train(images[i:i + batch_size], labels[i:i + batch_size])
+
     first = timed(lambda: step(0), device)
     starts = range(batch_size, len(images) - batch_size + 1, batch_size)
     rest = timed(lambda: [step(i) for i in tqdm(starts, leave=False, file=sys.stderr)], device)
@@ -285,7 +297,9 @@ HAND_VARIANTS = {
         x, conv.weight, conv.bias, conv.stride, conv.pads, conv.dilation, conv.groups),
     # im2col + matmul for every shape, depthwise convs included (which Conv2d runs as taps).
     "matmul-only": lambda conv: lambda x: UnfoldMatmulConv.apply(
-        x, conv.weight, conv.bias, conv.stride, conv.pads, conv.dilation, conv.groups),
+        x, conv.weight, conv.bias, conv.stride, conv.pads, conv.dilation, conv.groups,
+        plan_for(x, conv.weight, conv.bias, conv.stride, conv.pads, conv.dilation,
+                 conv.groups, UnfoldMatmulConv.apply)),
 }
 
 
@@ -419,6 +433,66 @@ def network_table(args, device, dtype, names):
     return ratios
 
 
+STEP_VARIANTS = (("hand", "hand", torch.contiguous_format),
+                 ("hand channels_last", "hand", torch.channels_last),
+                 ("native channels_last", "native", torch.channels_last))
+
+
+def network_steps(name, batch, device, dtype, repeats, image_size=None):
+    """{variant: median seconds of one SGD training step of network `name`} for the
+    STEP_VARIANTS: the hand-written convs with weights and input in the default layout, the
+    same in channels_last (where a layout cliff would show), and nn.Conv2d in channels_last,
+    its best form. The three alternate, after one warm-up step each (where the hand-written
+    convs measure the variants of layer shapes and layouts not measured before in this
+    process, conv/plans.py)."""
+    images, labels = random_epoch(batch, device)
+    steps = {}
+    for label, conv, layout in STEP_VARIANTS:
+        torch.manual_seed(0)
+        net = network(name, conv, image_size).to(device).to(memory_format=layout)
+        steps[label] = functools.partial(sgd_step(net, device, dtype),
+                                         images.contiguous(memory_format=layout), labels)
+        steps[label]()
+    times = {label: [] for label in steps}
+    for _ in range(repeats):
+        for label, step in steps.items():
+            times[label].append(timed(step, device))
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def step_names(models):
+    """The networks of the whole-network step table (--step-models): all is every network a
+    preset trains, finetune's backbone included."""
+    if models != "all":
+        return models.split(",")
+    return sorted(MODELS) + [PRESETS["finetune"]["model"]]
+
+
+def step_table(args, device, precisions):
+    """One training step of each whole network, hand-written (both layouts) against
+    nn.Conv2d in channels_last, in each of `precisions` [(dtype, why)]; returns
+    {"network precision": {"hand": ratio, "hand channels_last": ratio}}."""
+    print(f"\nWhole networks, one training step (SGD), median of {args.step_repeats}:\n")
+    print("| network | precision | batch | hand ms | hand channels_last ms | native "
+          "channels_last ms | ratio | ratio channels_last |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    ratios = {}
+    for dtype, why in precisions:
+        precision = "bf16" if dtype is not None else "fp32"
+        for name in tqdm(step_names(args.step_models), desc=f"networks, {precision}",
+                         file=sys.stderr):
+            batch = args.step_batch or default_batch_size(name)
+            ms = {k: v * 1e3 for k, v in network_steps(name, batch, device, dtype,
+                                                       args.step_repeats, args.image_size).items()}
+            native = ms["native channels_last"]
+            ratios[f"{name} {precision}"] = {k: ms[k] / native for k, _, _ in STEP_VARIANTS[:2]}
+            print(f"| {name} | {precision} ({why}) | {batch} | {ms['hand']:.1f} | "
+                  f"{ms['hand channels_last']:.1f} | {native:.1f} | "
+                  f"{ms['hand'] / native:.2f} | {ms['hand channels_last'] / native:.2f} |",
+                  flush=True)
+    return ratios
+
+
 def conv_benchmark(args, device, dtype, why):
     names = sorted(MODELS) if args.models == "all" else args.models.split(",")
     mode = "bf16 autocast, channels_last" if dtype is not None else "float32"
@@ -426,13 +500,19 @@ def conv_benchmark(args, device, dtype, why):
           f"({describe_precision(dtype, why)}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; median of {args.repeats} after {args.warmup} "
           f"warm-up\n")
-    infer_ratios, train_ratios = layer_table(args, device, dtype,
-                                             conv_shapes(names, args.batch_size, args.image_size))
+    infer_ratios, train_ratios = layer_table(args, device, dtype, conv_shapes(
+        names, args.batch_size, args.image_size)) if args.repeats else ([], [])
     networks = network_table(args, device, dtype, names) if args.epoch_images else {}
-    print(f"\ngeomean inference ratio (hand/native): {geomean(infer_ratios):.2f}")
-    print(f"geomean train-step ratio (hand/native): {geomean(train_ratios):.2f}")
-    return {"precision": mode, "layers": len(train_ratios), "infer": geomean(infer_ratios),
-            "train": geomean(train_ratios), "networks": networks}
+    precisions = [(None, why if dtype is None else "--precision fp32")] + (
+        [(dtype, why)] if dtype is not None else [])
+    steps = step_table(args, device, precisions) if args.step_repeats else {}
+    result = {"precision": mode, "layers": len(train_ratios), "networks": networks,
+              "steps": steps}
+    if train_ratios:
+        result.update(infer=geomean(infer_ratios), train=geomean(train_ratios))
+        print(f"\ngeomean inference ratio (hand/native): {result['infer']:.2f}")
+        print(f"geomean train-step ratio (hand/native): {result['train']:.2f}")
+    return result
 
 
 def main(argv=None):
@@ -442,11 +522,20 @@ def main(argv=None):
                    help="benchmark the hand-written conv against the native one")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="--conv: fp32, or bf16 autocast with channels_last (auto: bf16 on CUDA "
-                        "and on CPUs with AMX); the timing study runs float32")
+                        "and on CPUs with AMX or AVX512-BF16); the timing study runs float32")
     p.add_argument("--batch-size", type=int,
                    help="default: 128 for the timing study, each model's preset for --conv")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=20,
+                   help="calls timed per variant (--conv: per layer shape; 0: no layer table)")
+    p.add_argument("--step-repeats", type=int, default=3,
+                   help="--conv: training steps timed per whole network, in fp32 and in the "
+                        "precision picked, hand-written (both layouts) against native "
+                        "channels_last (0: none)")
+    p.add_argument("--step-models", default="all",
+                   help="--conv: the networks of those steps (all: every preset's, finetune's "
+                        "backbone at --image-size included)")
+    p.add_argument("--step-batch", type=int, help="--conv: their batch (default: the preset's)")
     p.add_argument("--epoch-images", type=int, default=45000,
                    help="images in the timed training epochs (45,000 = a real epoch; 0: time "
                         "no epoch)")
@@ -466,9 +555,14 @@ def main(argv=None):
     unknown = set(args.variants.split(",")) - set(VARIANTS) - {""}
     if unknown:
         p.error(f"unknown variants: {', '.join(sorted(unknown))}")
-    if args.models != "all" and set(args.models.split(",")) - set(MODELS) - set(BACKBONES):
-        p.error(f"unknown models: {args.models}; choose from "
-                f"{', '.join(sorted(MODELS) + sorted(BACKBONES))}")
+    for models in (args.models, args.step_models):
+        if models != "all" and set(models.split(",")) - set(MODELS) - set(BACKBONES):
+            p.error(f"unknown models: {models}; choose from "
+                    f"{', '.join(sorted(MODELS) + sorted(BACKBONES))}")
+    if min(args.repeats, args.step_repeats, args.warmup, args.epoch_images) < 0 or (
+            args.repeats == 0 and not args.conv):
+        p.error("--repeats, --step-repeats, --warmup and --epoch-images must be at least 0, "
+                "--repeats at least 1 without --conv")
     if args.precision == "bf16" and not args.conv:
         p.error("--precision bf16 goes with --conv (the timing study runs float32)")
     if args.peak_of:
@@ -476,6 +570,7 @@ def main(argv=None):
     try:
         device = pick_device(args.device)
         precision = pick_precision(args.precision, device) if args.conv else None
+        conv_plans.measuring()              # a bad CIFAR_CONV_MEASURE: its one line, now
     except ValueError as e:
         cli.fail(str(e))
     if args.conv:

@@ -99,6 +99,15 @@ def all_gather(obj):
     return objects
 
 
+def from_rank0(obj):
+    """Rank 0's `obj` on every rank (any picklable object; `obj` itself in one process)."""
+    if world_size() == 1:
+        return obj
+    objects = [obj]
+    dist.broadcast_object_list(objects, src=0)
+    return objects[0]
+
+
 def wrap(model, device):
     """The model in DistributedDataParallel (the model itself in one process). DDP reduces the
     gradients of the parameters that require one when it is built; the set never changes

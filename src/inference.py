@@ -15,6 +15,7 @@ import torch
 import cli
 from data import DataError, load_cifar, load_torch_file
 from device import CHOICES as DEVICES, describe, pick_device
+from conv import plans as conv_plans
 from precision import CHOICES as PRECISIONS, autocast, pick_precision
 from precision import describe as describe_precision
 from checkpoint import intact_checkpoint
@@ -35,7 +36,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="bf16: matmuls in bf16 under autocast; auto: bf16 on CUDA and on CPUs "
-                        "with AMX, fp32 elsewhere")
+                        "with AMX or AVX512-BF16, fp32 elsewhere")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--conv", default="hand", choices=("hand", "native"),
                    help="run the network with the hand-written conv or nn.Conv2d (same weights)")
@@ -144,6 +145,7 @@ def main(argv=None):
         # Every input is checked before anything is printed.
         device = pick_device(args.device, verbose=False)
         dtype, why = pick_precision(args.precision, device)
+        conv_plans.measuring()              # a bad CIFAR_CONV_MEASURE: its one line, now
         model, weights = load_weights(args.weights, args.conv)
         tta = tta_level(args.tta, weights)
         if args.images:

@@ -33,10 +33,15 @@ CONV_ALL = "seed,fast94,fast95,fast96,resnet18"
 JOBS = [
     job("fast94", "fast94, 12 epochs", "train", {"preset": "fast94", "runs": 5},
         {"preset": "fast94", "runs": 3}, {"preset": "fast94", "runs": 1}),
+    # Then whole-network training steps, hand-written in both layouts against native
+    # channels_last; at batch 8 (Lite0 at 64 px) they are a cliff check, not a ratio.
     job("conv", "hand-written conv / nn.Conv2d, per layer shape", "conv",
-        {"models": CONV_ALL, "repeats": 20, "warmup": 3, "epoch_images": 4096},
-        {"models": "seed,fast94", "repeats": 10, "warmup": 2, "epoch_images": 2048},
-        {"models": "seed", "repeats": 10, "warmup": 2, "epoch_images": 2048}),
+        {"models": CONV_ALL, "repeats": 20, "warmup": 3, "epoch_images": 4096,
+         "step_models": "all"},
+        {"models": "seed,fast94", "repeats": 10, "warmup": 2, "epoch_images": 2048,
+         "step_models": "all", "step_batch": 8},
+        {"models": "seed", "repeats": 10, "warmup": 2, "epoch_images": 0,
+         "step_models": "seed,fast94", "step_batch": 8}),
     job("seed", "seed net, 25 epochs", "train", {"preset": "seed"}),
     job("fast95", "fast95, 15 epochs", "train", {"preset": "fast95"}),
     job("fast96", "fast96, 40 epochs", "train", {"preset": "fast96"}),
@@ -71,11 +76,24 @@ def networks(job_, size):
         name = size.get("pretrained") or preset_of(size)["model"]
         return [((name, size.get("image_size", 32)), preset_of(size)["batch_size"])]
     if job_["kind"] == "conv":
-        return [((name, 32), PRESETS[name]["batch_size"]) for name in size["models"].split(",")]
+        return [((name, 32), PRESETS[name]["batch_size"]) for name in size["models"].split(",")
+                ] + [step for step in step_networks(size)
+                     if step[0][0] not in size["models"].split(",")]
     if job_["kind"] == "timing":
         return [(("seed", 32), 128)]
     net = WEIGHTS_NETWORKS[size["weights"]]
     return [(net, PRESETS["finetune" if net[0] == LITE0 else net[0]]["batch_size"])]
+
+
+def step_networks(size):
+    """The (network, image size) pairs, with their preset batch, of a conv job's
+    whole-network steps (benchmark.py --step-models; all: every preset's network)."""
+    if size["step_models"] != "all":
+        return [((name, 32), PRESETS[name]["batch_size"])
+                for name in size["step_models"].split(",")]
+    step_image = 64 if size.get("step_batch") else 224
+    return [((name, 32), PRESETS[name]["batch_size"]) for name in CONV_ALL.split(",")] + \
+        [((LITE0, step_image), PRESETS["finetune"]["batch_size"])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,8 +120,11 @@ def train_args(size, ctx):
 
 
 def conv_args(size, ctx):
+    steps = (["--step-batch", str(size["step_batch"]), "--image-size", "64"]
+             if size.get("step_batch") else [])
     return ["--conv", "--models", size["models"], "--repeats", str(size["repeats"]),
             "--warmup", str(size["warmup"]), "--epoch-images", str(size["epoch_images"]),
+            "--step-models", size["step_models"], *steps,
             "--json", os.path.join(ctx["out"], "ratios.json")]
 
 
@@ -151,9 +172,14 @@ def train_seconds(job_, size, cal):
 def conv_seconds(job_, size, cal):
     """Per layer shape: warm-up and repeats of an inference and a training step, hand and
     native (about two training steps of the network in all); on a CPU a process per shape
-    measures peak memory. Then one epoch of each whole network, hand and native."""
+    measures peak memory. Then one epoch of each whole network, hand and native; then 4 steps
+    of every preset's network in each of 3 forms and 2 precisions, at the size's step batch."""
     total = 0
+    for net, batch in step_networks(size):
+        total += 3 * 4 * 2 * cal["step"][net] * (size.get("step_batch") or batch) / batch
     for net, batch in networks(job_, size):
+        if net[0] not in size["models"].split(","):
+            continue
         calls = size["warmup"] + size["repeats"]
         total += calls * 2 * (1 + FORWARD_SHARE) * cal["step"][net] + 2 * warmup(cal, net)
         total += 2 * (size["epoch_images"] // batch) * cal["step"][net]
@@ -228,6 +254,12 @@ def conv_result(size, out, stdout):
     if r["networks"]:
         text += "; whole-network epochs: " + ", ".join(f"{k} {v:.2f}x"
                                                        for k, v in r["networks"].items())
+    if r["steps"]:
+        worst = max(((v, f"{net}, {layout}") for net, ratios in r["steps"].items()
+                     for layout, v in ratios.items()))
+        batch = f"batch {size['step_batch']}" if size.get("step_batch") else "preset batches"
+        text += (f"; whole-network training steps ({len(r['steps'])}, {batch}), hand / native "
+                 f"channels_last: at most {worst[0]:.2f}x ({worst[1]})")
     return "hand / native time, training step (geomean)", r["train"], text
 
 

@@ -46,7 +46,8 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="of the training and conv-table jobs (auto: bf16 on CUDA and on CPUs "
-                        "with AMX); the timing study and the shipped weights run float32")
+                        "with AMX or AVX512-BF16); the timing study and the shipped weights run "
+                        "float32")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out", help="results folder (default: runs/reproduce-<timestamp>)")
     p.add_argument("--only", metavar="NAMES",

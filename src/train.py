@@ -23,6 +23,7 @@ import cli
 import distributed
 from checkpoint import (atomic_save, flags_of_resumed_run, lock_run_folder, rng_states,
                         set_aside_other_checkpoint, set_rng_states)
+from conv import plans as conv_plans
 from data import (DataError, augment, channel_stats, load_cifar, normalize, one_hot,
                   stratified_split)
 from device import describe, optimize_for_device, pick_device, stopwatch
@@ -30,7 +31,7 @@ from evaluate import evaluate
 from model import FastNet, build_model
 from optim import Lookahead, make_optimizers, make_schedulers
 from preemption import Stopped, deferred_stop_signals, stop_requested, stopped
-from precision import autocast as precision_autocast, pick_precision
+from precision import autocast as precision_autocast, cpu_bf16_unit, pick_precision
 from precision import describe as describe_precision
 from pretrained import BACKBONES, PretrainedError, load_backbone
 from train_flags import get_args
@@ -81,6 +82,7 @@ def set_up(run):
     run.start_epoch, run.partial = 0, None
     if run.ckpt is not None:
         restore(run)
+    choose_conv_plans(run)
     set_up_step_model(run)
     if run.main:
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
@@ -105,8 +107,25 @@ def set_up_device(run):
     if args.batch_size % run.world:
         raise ValueError(f"--batch-size {args.batch_size} (the global batch) does not split "
                          f"evenly over {run.world} processes")
-    run.dtype, run.precision_reason = pick_precision(args.precision, run.device)
+    flag = resumed_precision(run)
+    run.dtype, run.precision_reason = pick_precision(flag, run.device)
+    if flag != args.precision:      # "--precision bf16; ...: slow" -> "the run's; ...: slow"
+        run.precision_reason = run.precision_reason.replace(f"--precision {flag}",
+                                                            "the resumed run's")
+    conv_plans.measuring()                  # a bad CIFAR_CONV_MEASURE: its one line, now
     run.autocast = precision_autocast(run.device, run.dtype)
+
+
+def resumed_precision(run):
+    """The --precision to run with: a resumed run's `auto` is the precision it ran in (saved
+    in its checkpoint), not what `auto` means on this machine today; a checkpoint without it
+    is from before `auto` took AVX512-BF16, where such a CPU ran float32."""
+    flag = run.args.precision
+    if run.ckpt is None or flag != "auto":
+        return flag
+    if "precision" in run.ckpt:
+        return run.ckpt["precision"]
+    return "fp32" if run.device.type == "cpu" and cpu_bf16_unit() != "AMX" else flag
 
 
 def set_up_data(run, resume_file):
@@ -202,6 +221,39 @@ def restore(run):
     run.log(f"resuming {run.args.out} in epoch {run.start_epoch + 1} after step "
             f"{run.partial['steps']}" if run.partial else
             f"resuming {run.args.out} after epoch {run.start_epoch}")
+
+
+def choose_conv_plans(run):
+    """Which variant of the hand-written conv each layer shape runs (conv/plans.py): a resumed
+    run's own; else the fastest, measured by rank 0 on one forward of a batch (the model in
+    eval mode: no statistic or RNG changes) and handed to every rank; else, with
+    --no-conv-measure or CIFAR_CONV_MEASURE=0, the default ones. Measuring is off afterwards,
+    so every rank runs the same variants for the whole run, and a resume runs those too."""
+    args = run.args
+    conv_plans.set_measuring(None)          # as CIFAR_CONV_MEASURE says (a second --runs run)
+    if run.ckpt is not None:
+        saved = run.ckpt.get("conv_plans", {})
+        kept = {key: plan for key, plan in saved.items() if key.endswith(f" {run.device.type}")}
+        if len(kept) < len(saved):
+            run.log(f"note: the run's conv variants were measured on another device type; "
+                    f"on {run.device.type} every conv runs its default variant")
+        conv_plans.use(kept)
+    elif distributed.from_rank0(args.conv == "hand" and run.device.type == "cpu" and
+                                not args.no_conv_measure and conv_plans.measuring()):
+        conv_plans.use({})          # every rank as rank 0 decides (its environment may differ)
+        clock = stopwatch(run.device)
+        if run.main:
+            run.model.eval()
+            with torch.enable_grad(), run.autocast:
+                run.model(normalize(run.train_x[:args.batch_size // run.world], run.mean,
+                                    run.std))
+            run.model.train()
+        conv_plans.use(distributed.from_rank0(conv_plans.chosen()))
+        run.log(f"conv variants: {len(conv_plans.chosen())} layer shapes measured in "
+                f"{clock():.1f}s (not counted in the times below)")
+    else:
+        conv_plans.use({})
+    conv_plans.set_measuring(False)
 
 
 def set_up_step_model(run):
@@ -337,6 +389,8 @@ def save_checkpoint(run, completed_epoch, partial=None):
             "epoch": completed_epoch, "rng": rng, "args": vars(run.args),
             "train_size": len(run.train_x),
             "lookahead": run.lookahead.state_dict() if run.lookahead is not None else {},
+            "conv_plans": conv_plans.chosen(),
+            "precision": "bf16" if run.dtype == torch.bfloat16 else "fp32",
             **({"partial": partial} if partial else {})}
     atomic_save(ckpt, os.path.join(run.args.out, "checkpoint.pt"), keep_previous=True)
 

@@ -59,7 +59,12 @@ def make_parser():
     p.add_argument("--precision", choices=PRECISIONS,
                    help="bf16: matmuls in bf16 under autocast (weights, optimiser, BatchNorm "
                         "statistics and loss stay float32); auto (default): bf16 on CUDA and on "
-                        "CPUs with AMX, fp32 elsewhere; --resume: the run's own unless given")
+                        "CPUs with AMX or AVX512-BF16, fp32 elsewhere; --resume: the run's own "
+                        "unless given")
+    p.add_argument("--no-conv-measure", action="store_true",
+                   help="run every hand-written conv in its default variant instead of the "
+                        "fastest measured at start-up (also: CIFAR_CONV_MEASURE=0); a resumed "
+                        "run keeps its own")
     p.add_argument("--out", help="run folder (default: runs/<preset>-<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run saved in RUN_DIR (or from a checkpoint file in it, "

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from conv import plans
+
 SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
 # The flags of every script run whose result is compared with a reference: float32 on the CPU.
 CPU_FP32 = ["--device", "cpu", "--precision", "fp32"]
@@ -63,11 +65,17 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck"]
 
 
-@pytest.fixture(autouse=True)
-def no_amx(monkeypatch):
-    """--precision auto means fp32 in every test, on every CPU (the scripts the tests start
-    inherit it); the tests of bf16 ask for it by name."""
-    monkeypatch.setenv("CIFAR_CPU_AMX", "0")
+@pytest.fixture(autouse=True, scope="session")
+def fixed_arithmetic():
+    """--precision auto means fp32 in every test, on every CPU, and every hand-written conv
+    runs its default variant (measured ones would round float32 by the machine's timings, and
+    runs compared with torch.equal must round alike); the scripts the tests start inherit both.
+    The tests of bf16 and of measuring ask for them by name. Set for the whole session, before
+    the shared runs of the session and module fixtures."""
+    with pytest.MonkeyPatch.context() as session:
+        session.setenv("CIFAR_CPU_BF16", "none")
+        session.setenv("CIFAR_CONV_MEASURE", "0")
+        yield
 
 
 @pytest.fixture
@@ -89,10 +97,12 @@ def run_main(script, *args, cwd=None, env=None):
     same CompletedProcess (exit code from SystemExit, stdout and stderr captured, warnings
     printed to that stderr as a process would), about two seconds faster a call (no interpreter
     start, no imports). What a run changes in this process is put back: the environment, the
-    working directory, the global RNG and the SIGINT/SIGTERM handlers. An uncaught exception
+    working directory, the global RNG, the SIGINT/SIGTERM handlers and the conv variants
+    chosen (conv/plans.py). An uncaught exception
     propagates: where a process would print a traceback, the test fails with it. For what only
     a process shows (signals, torchrun, environment read at import), use `run_script`."""
     module = importlib.import_module(os.path.splitext(script)[0])
+    choices = plans.chosen()           # the conv variants a run chooses for its process
     out, err, code = io.StringIO(), io.StringIO(), 0
     saved_env = dict(os.environ)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -116,6 +126,8 @@ def run_main(script, *args, cwd=None, env=None):
         os.environ.update(saved_env)
         for s, handler in handlers.items():
             signal.signal(s, handler)
+        plans.use(choices)
+        plans.set_measuring(None)
     return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(),
                                        err.getvalue())
 

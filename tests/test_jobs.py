@@ -81,17 +81,22 @@ def test_a_training_row_reports_mean_and_std_over_runs(tmp_path, cifar10_dir):
 
 
 def test_a_conv_row_is_the_benchmarks_geomeans(tmp_path):
-    size = {"models": "seed", "repeats": 1, "warmup": 1, "epoch_images": 0}
+    size = {"models": "seed", "repeats": 1, "warmup": 1, "epoch_images": 0,
+            "step_models": "seed", "step_batch": 2}
     argv = jobs.command(job("conv"), size, {**CTX, "out": str(tmp_path)})
-    result = run_main("benchmark.py", *argv[1:], "--batch-size", "2")
+    assert argv[argv.index("--step-batch") + 1] == "2"
+    result = run_main("benchmark.py", *argv[1:], "--batch-size", "2", "--step-repeats", "1")
     assert result.returncode == 0, result.stderr
     ratios = json.loads((tmp_path / "ratios.json").read_text())
     metric, value, text = jobs.read_result(job("conv"), size, str(tmp_path), "")
     assert value == ratios["train"] and ratios["layers"] == 3 and ratios["networks"] == {}
     assert result.stdout.splitlines()[-1] == \
         f"geomean train-step ratio (hand/native): {ratios['train']:.2f}"
+    worst = max(ratios["steps"]["seed fp32"].items(), key=lambda kv: kv[1])
     assert text == (f"{ratios['train']:.2f}x training step, {ratios['infer']:.2f}x inference "
-                    f"(geomean of 3 layer shapes of seed, float32)")
+                    f"(geomean of 3 layer shapes of seed, float32); whole-network training "
+                    f"steps (1, batch 2), hand / native channels_last: at most "
+                    f"{worst[1]:.2f}x (seed fp32, {worst[0]})")
 
 
 def test_a_weights_row_is_inferences_accuracy(tmp_path, cifar10_dir):

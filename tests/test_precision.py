@@ -1,6 +1,6 @@
 """--precision: what auto picks, and bf16 autocast through training, inference and the
-benchmark. Every assertion holds on any CPU: CIFAR_CPU_AMX says whether to take AMX's branch,
-and bf16 itself runs everywhere (slowly where the CPU has no bf16 instructions)."""
+benchmark. Every assertion holds on any CPU: CIFAR_CPU_BF16 says which bf16 unit's branch to
+take, and bf16 itself runs everywhere (slowly where the CPU has no bf16 instructions)."""
 import json
 
 import pytest
@@ -9,41 +9,45 @@ import torch.nn.functional as F
 
 from conftest import run_main, write_cifar10
 from model import build_model
-from precision import autocast, cpu_has, describe, pick_precision
+from precision import autocast, cpu_bf16_unit, describe, pick_precision
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-@pytest.mark.parametrize("flag, device, amx, expected", [
-    ("auto", CPU, "1", "precision: bf16 (AMX)"),
-    ("auto", CPU, "0", "precision: fp32 (this CPU has no AMX)"),
-    ("auto", CUDA, "0", "precision: bf16 (CUDA)"),
-    ("auto", torch.device("mps"), "1", "precision: fp32 (mps)"),
-    ("fp32", CPU, "1", "precision: fp32 (--precision fp32)"),
-    ("fp32", CUDA, "0", "precision: fp32 (--precision fp32)"),
-    ("bf16", CUDA, "0", "precision: bf16 (--precision bf16)"),
+@pytest.mark.parametrize("flag, device, unit, expected", [
+    ("auto", CPU, "amx", "precision: bf16 (AMX)"),
+    ("auto", CPU, "avx512_bf16", "precision: bf16 (AVX512-BF16)"),
+    ("auto", CPU, "none", "precision: fp32 (this CPU has no AMX or AVX512-BF16)"),
+    ("auto", CUDA, "none", "precision: bf16 (CUDA)"),
+    ("auto", torch.device("mps"), "amx", "precision: fp32 (mps)"),
+    ("fp32", CPU, "amx", "precision: fp32 (--precision fp32)"),
+    ("fp32", CUDA, "none", "precision: fp32 (--precision fp32)"),
+    ("bf16", CUDA, "none", "precision: bf16 (--precision bf16)"),
+    ("bf16", CPU, "avx512_bf16", "precision: bf16 (--precision bf16)"),
+    ("bf16", CPU, "none", "precision: bf16 (--precision bf16; no AMX or AVX512-BF16 here: "
+                          "slow)"),
 ])
-def test_auto_is_bf16_on_cuda_and_on_amx_cpus(monkeypatch, flag, device, amx, expected):
-    monkeypatch.setenv("CIFAR_CPU_AMX", amx)
+def test_auto_is_bf16_on_cuda_and_on_cpus_with_bf16_units(monkeypatch, flag, device, unit,
+                                                          expected):
+    monkeypatch.setenv("CIFAR_CPU_BF16", unit)
     assert describe(*pick_precision(flag, device)) == expected
 
 
-def test_bf16_on_a_cpu_without_bf16_instructions_says_it_is_slow(monkeypatch):
-    monkeypatch.setenv("CIFAR_CPU_AMX", "0")
-    monkeypatch.setattr("precision.cpu_has", lambda feature: False)
-    assert describe(*pick_precision("bf16", CPU)) == \
-        "precision: bf16 (--precision bf16; no AMX or AVX512-BF16 here: slow)"
-
-
 @pytest.mark.parametrize("override", [None, ""])
-@pytest.mark.parametrize("amx", [True, False])
-def test_without_the_override_amx_is_what_torch_detects(monkeypatch, override, amx):
-    monkeypatch.delenv("CIFAR_CPU_AMX")
+@pytest.mark.parametrize("amx, avx512_bf16, unit", [
+    (True, True, "AMX"), (False, True, "AVX512-BF16"), (True, False, "AMX"), (False, False, None)])
+def test_without_the_override_the_unit_is_what_torch_detects(monkeypatch, override, amx,
+                                                             avx512_bf16, unit):
+    monkeypatch.delenv("CIFAR_CPU_BF16")
     if override is not None:              # set but empty counts as unset
-        monkeypatch.setenv("CIFAR_CPU_AMX", override)
+        monkeypatch.setenv("CIFAR_CPU_BF16", override)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-    assert cpu_has("amx_tile") is amx
-    assert pick_precision("auto", CPU)[0] == (torch.bfloat16 if amx else None)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
+                        raising=False)
+    assert cpu_bf16_unit() == unit
+    assert describe(*pick_precision("auto", CPU)) == (
+        f"precision: bf16 ({unit})" if unit else
+        "precision: fp32 (this CPU has no AMX or AVX512-BF16)")
 
 
 def test_bad_precision_and_override_are_one_line_errors(monkeypatch):
@@ -52,8 +56,9 @@ def test_bad_precision_and_override_are_one_line_errors(monkeypatch):
         pick_precision("fp16", CPU)
     with pytest.raises(ValueError, match="^--precision bf16 is not supported on mps$"):
         pick_precision("bf16", torch.device("mps"))
-    monkeypatch.setenv("CIFAR_CPU_AMX", "yes")
-    with pytest.raises(ValueError, match="^CIFAR_CPU_AMX must be 0 or 1, got 'yes'$"):
+    monkeypatch.setenv("CIFAR_CPU_BF16", "yes")
+    with pytest.raises(ValueError, match="^CIFAR_CPU_BF16 must be one of amx, avx512_bf16, "
+                                         "none, got 'yes'$"):
         pick_precision("auto", CPU)
 
 
@@ -77,16 +82,16 @@ def test_bf16_step_keeps_weights_gradients_and_batchnorm_statistics_float32():
 
 
 def test_bf16_training_run_and_its_weights(tmp_path):
-    """A fast94 run in bf16 (what auto picks on an AMX CPU) says so, trains to a finite loss,
-    writes float32 weights, and inference reads them in either precision."""
+    """A fast94 run in bf16 (what auto picks on a CPU with AVX512-BF16) says so, trains to a
+    finite loss, writes float32 weights, and inference reads them in either precision."""
     data = str(tmp_path / "data")
     write_cifar10(data, per_file=40, n_test=30)
     out = tmp_path / "run"
     result = run_main("train.py", "--preset", "fast94", "--epochs", "2", "--batch-size", "50",
                       "--device", "cpu", "--data-dir", data, "--out", out,
-                      env={"CIFAR_CPU_AMX": "1"})
+                      env={"CIFAR_CPU_BF16": "avx512_bf16"})
     assert result.returncode == 0, result.stderr
-    assert result.stderr.startswith("device: cpu, precision: bf16 (AMX)\n")
+    assert result.stderr.startswith("device: cpu, precision: bf16 (AVX512-BF16)\n")
     assert "training loss became" not in result.stderr
     weights = torch.load(out / "weights.pt", weights_only=True)
     assert all(t.dtype == torch.float32 for t in weights["state_dict"].values()
@@ -112,12 +117,15 @@ def test_bf16_training_run_and_its_weights(tmp_path):
 def test_conv_benchmark_in_bf16_compares_with_the_channels_last_native_net():
     result = run_main("benchmark.py", "--conv", "--device", "cpu", "--models", "seed",
                       "--batch-size", "2", "--warmup", "1", "--repeats", "1",
-                      "--epoch-images", "4", "--precision", "bf16")
+                      "--epoch-images", "4", "--precision", "bf16", "--step-models", "seed",
+                      "--step-batch", "2", "--step-repeats", "1")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "cpu, bf16 autocast, channels_last (precision: bf16 (--precision bf16" in lines[0]
     assert "| network | epoch of 4 images, hand s | native (channels_last) s | ratio |" in lines
     assert any(row.startswith("| seed (batch 2) |") for row in lines)
+    assert [row.split(" | ")[1][:22] for row in lines if row.startswith("| seed | ")] == [
+        "fp32 (--precision fp32", "bf16 (--precision bf16"]
     assert float(lines[-1].split()[-1]) > 0
 
 
@@ -126,3 +134,28 @@ def test_the_timing_study_refuses_bf16_in_one_line():
     assert result.returncode == 2
     assert result.stderr == ("error: benchmark.py: --precision bf16 goes with --conv (the timing "
                              "study runs float32) (see --help)\n")
+
+
+def test_a_resumed_auto_run_keeps_the_precision_it_ran_in(tmp_path):
+    """auto is resolved once, when the run starts: a resume on a machine where auto means
+    something else (here: told it has AVX512-BF16) keeps the run's precision; a checkpoint from
+    before auto took AVX512-BF16 ran float32 there."""
+    data = str(tmp_path / "data")
+    write_cifar10(data, per_file=20, n_test=10)
+    out = tmp_path / "run"
+    first = run_main("train.py", "--preset", "seed", "--epochs", "2", "--batch-size", "25",
+                     "--val-size", "0", "--device", "cpu", "--data-dir", data, "--out", out)
+    assert first.returncode == 0, first.stderr
+    assert "precision: fp32 (this CPU has no AMX or AVX512-BF16)" in first.stderr
+    prev = out / "checkpoint.prev.pt"
+    ckpt = torch.load(prev, weights_only=True)
+    assert (ckpt["args"]["precision"], ckpt["precision"]) == ("auto", "fp32")
+    for saved, expected in (("fp32", "fp32"), (None, "fp32"), ("bf16", "bf16")):
+        if saved is None:
+            ckpt.pop("precision")
+        else:
+            ckpt["precision"] = saved
+        torch.save(ckpt, prev)
+        resumed = run_main("train.py", "--resume", prev, env={"CIFAR_CPU_BF16": "avx512_bf16"})
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"precision: {expected} (the resumed run's)" in resumed.stderr, saved

@@ -32,15 +32,25 @@ def test_benchmark_prints_markdown_tables_with_ratios(tmp_path):
     assert list(ratios["epoch"]) == ["eager"] and ratios["epoch"]["eager"] == 1
 
 
-def test_conv_benchmark_times_every_layer_shape_and_ends_with_the_geomeans():
+def test_conv_benchmark_times_every_layer_shape_and_ends_with_the_geomeans(tmp_path):
     result = run_main("benchmark.py", "--conv", "--device", "cpu", "--models", "seed",
                       "--batch-size", "2", "--warmup", "1", "--repeats", "1",
-                      "--epoch-images", "4")
+                      "--epoch-images", "4", "--step-models", "seed,fast94",
+                      "--step-batch", "2", "--step-repeats", "1",
+                      "--precision", "fp32", "--json", tmp_path / "ratios.json")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     layers = [row.split("|")[1].strip() for row in lines if row.startswith("| seed.")]
     assert layers == ["seed.conv1", "seed.conv2", "seed.conv3"]
     assert any(row.startswith("| seed (batch 2) |") for row in lines)
+    # Whole-network steps: hand-written in both layouts against native channels_last.
+    steps = [row.split(" | ") for row in lines if row.startswith(("| seed | ", "| fast94 | "))]
+    assert [(row[0], row[1], row[2]) for row in steps] == [
+        ("| seed", "fp32 (--precision fp32)", "2"), ("| fast94", "fp32 (--precision fp32)", "2")]
+    ratios = json.loads((tmp_path / "ratios.json").read_text())["steps"]
+    assert list(ratios) == ["seed fp32", "fast94 fp32"]
+    for row, (hand, hand_cl) in zip(steps, (r.values() for r in ratios.values())):
+        assert row[6:] == [f"{hand:.2f}", f"{hand_cl:.2f} |"]
     assert lines[-2].startswith("geomean inference ratio (hand/native): ")
     assert lines[-1].startswith("geomean train-step ratio (hand/native): ")
     assert float(lines[-1].split()[-1]) > 0

@@ -9,6 +9,7 @@ products. Read in the order docs/model.pdf derives it:
 
     im2col.py     the receptive fields as a strided view, chunked matmuls, fold
     regions.py    the output split by which kernel taps read padding (those products skipped)
+    plans.py      which variant runs for a layer shape: the default, or measured once
     functions.py  the autograd functions: forward and the backward written out
     layers.py     the modules: Conv2d, Conv2dTFSame (TensorFlow's 'SAME'), swap_convs
 

@@ -8,6 +8,7 @@ from torch.nn.modules.utils import _pair
 
 from .im2col import (accumulator, fold_columns, output_hw, pad_channels_last, tap_views,
                      weight_rows, weight_taps)
+from .plans import plan_for
 from .regions import conv_regions, conv_source, grad_weight_regions
 
 
@@ -17,21 +18,26 @@ class UnfoldMatmulConv(torch.autograd.Function):
     Autograd through `as_strided` would scatter gradients element by element. Here:
     - grad W = grad_y^T @ im2col(x): the columns are rebuilt chunk by chunk instead of being
       saved, since they are kh*kw times the input;
-    - grad x, stride 1 and O <= 2C: a correlation of the zero-padded grad_y with the flipped,
-      transposed kernel, i.e. the same unfold + matmul as the forward (long inner dimension);
+    - grad x, stride 1 (plan.correlate, by default where O <= 2C): a correlation of the
+      zero-padded grad_y with the flipped, transposed kernel, i.e. the same unfold + matmul as
+      the forward (long inner dimension);
     - grad x otherwise: grad_y @ W, then fold (kh*kw shifted, strided adds: the adjoint of
-      im2col), a chunk of images at a time."""
+      im2col), a chunk of images at a time.
+    `plan` (plans.py) says which of these variants run: every one gives the same result up to
+    rounding."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, pads, dilation, groups):
+    def forward(ctx, x, weight, bias, stride, pads, dilation, groups, plan):
         n, out_c, (kh, kw) = x.shape[0], weight.shape[0], weight.shape[2:]
         ho, wo = output_hw(x.shape, (kh, kw), stride, pads, dilation)
-        src, before, regions = conv_source(x, pads, (kh, kw), stride, dilation, (ho, wo))
+        src, before, regions = conv_source(x, pads, (kh, kw), stride, dilation, (ho, wo),
+                                           plan.split)
         out = conv_regions(src, before, regions, weight_taps(weight, groups), bias, stride,
-                            dilation, (ho, wo))
+                            dilation, (ho, wo), plan)
         ctx.save_for_backward(src, weight)
         ctx.x_shape, ctx.stride, ctx.pads, ctx.dilation = x.shape, stride, pads, dilation
         ctx.groups, ctx.out_hw, ctx.has_bias = groups, (ho, wo), bias is not None
+        ctx.plan = plan
         ctx.before, ctx.regions = before, regions     # what the forward read, and how
         return out.view(n, ho, wo, out_c).permute(0, 3, 1, 2)              # NCHW, channels-last
 
@@ -39,8 +45,8 @@ class UnfoldMatmulConv(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         src, weight = ctx.saved_tensors
-        stride, dilation, groups, before, regions = (ctx.stride, ctx.dilation, ctx.groups,
-                                                     ctx.before, ctx.regions)
+        stride, dilation, groups, before, regions, plan = (ctx.stride, ctx.dilation, ctx.groups,
+                                                           ctx.before, ctx.regions, ctx.plan)
         (n, c, h, w), (ho, wo) = ctx.x_shape, ctx.out_hw
         out_c, cg, kh, kw = weight.shape
         og = out_c // groups
@@ -52,11 +58,11 @@ class UnfoldMatmulConv(torch.autograd.Function):
 
         if need_w:
             gw = grad_weight_regions(src, before, regions, go.view(n, ho, wo, groups, og),
-                                      (kh, kw), stride, dilation, groups)
+                                      (kh, kw), stride, dilation, groups, plan.chunk_mib)
             grad_w = gw.permute(0, 4, 3, 1, 2).reshape(out_c, cg, kh, kw).to(weight.dtype)
         if ctx.has_bias and need_b:
             grad_b = go.sum(0).reshape(out_c)
-        if need_x and stride == (1, 1) and out_c <= 2 * c:
+        if need_x and stride == (1, 1) and plan.correlate:
             # x[r, s] receives go[r + top - p*d, s + left - q*d] W[:, :, p, q]: a stride-1
             # correlation of go, padded by the dilated kernel extent less the forward padding,
             # with the kernel flipped in space and transposed in channels; the same region split
@@ -66,7 +72,8 @@ class UnfoldMatmulConv(torch.autograd.Function):
             g_src, g_before, g_regions = conv_source(grad_out, gpads, (kh, kw), (1, 1),
                                                       dilation, (h, w))
             w_rot = weight.view(groups, og, cg, kh, kw).flip(3, 4).permute(0, 2, 3, 4, 1)
-            gx = conv_regions(g_src, g_before, g_regions, w_rot, None, (1, 1), dilation, (h, w))
+            gx = conv_regions(g_src, g_before, g_regions, w_rot, None, (1, 1), dilation, (h, w),
+                              plan)
             grad_x = gx.view(n, h, w, c).permute(0, 3, 1, 2)
         elif need_x:
             # grad_y @ W, then fold. Gathering the correlation's columns moves kh·kw·O values
@@ -75,10 +82,10 @@ class UnfoldMatmulConv(torch.autograd.Function):
             # and the only way for strides > 1 (docs/conv_performance.md, variant 5).
             grad_padded = fold_columns(go, weight_rows(weight, groups), (n, h + top + bottom,
                                 w + left + right, groups, cg), (kh, kw), stride, dilation,
-                                (ho, wo))
+                                (ho, wo), plan)
             grad_x = grad_padded.view(n, h + top + bottom, w + left + right, c)
             grad_x = grad_x[:, top:top + h, left:left + w].permute(0, 3, 1, 2).to(src.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 class DepthwiseConv(torch.autograd.Function):
@@ -158,11 +165,12 @@ def conv2d_unfold(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
 
 def _apply_conv(x, weight, bias, stride, pads, dilation, groups):
     """The formulation for this shape: elementwise taps for depthwise convs, im2col + matmul
-    for everything else."""
+    for everything else, in the variant `plan_for` picks."""
     if groups == x.shape[1] == weight.shape[0] > 1:       # one filter per channel
         out_hw = output_hw(x.shape, weight.shape[2:], stride, pads, dilation)
         return DepthwiseConv.apply(x, weight, bias, stride, pads, dilation, out_hw)
-    return UnfoldMatmulConv.apply(x, weight, bias, stride, pads, dilation, groups)
+    plan = plan_for(x, weight, bias, stride, pads, dilation, groups, UnfoldMatmulConv.apply)
+    return UnfoldMatmulConv.apply(x, weight, bias, stride, pads, dilation, groups, plan)
 
 
 def conv2d_unfold_autograd(x, weight, bias: Optional[torch.Tensor], stride: Tuple[int, int],

@@ -37,15 +37,15 @@ def pad_channels_last(x, pads):
     return xp
 
 
-def images_per_chunk(xp, out_hw, kernel_size):
+def images_per_chunk(xp, out_hw, kernel_size, chunk_mib=4):
     """How many images to unfold at a time so that one chunk's im2col matrix is no larger than
-    the padded input itself, nor than 4 MiB (at least one image, and up to 1 MiB of columns
-    regardless). Small chunks are reused from the heap; large ones are fresh mappings whose
-    page faults cost more than the gather (glibc maps anything above 32 MiB; batch-1024 layers
-    had chunks of 100+ MB before the cap, docs/conv_performance.md variant 2e)."""
+    the padded input itself, nor than `chunk_mib` MiB (at least one image, and up to 1 MiB of
+    columns regardless). Small chunks are reused from the heap; large ones are fresh mappings
+    whose page faults cost more than the gather (glibc maps anything above 32 MiB; batch-1024
+    layers had chunks of 100+ MB before the cap, docs/conv_performance.md variant 2e)."""
     (ho, wo), (kh, kw) = out_hw, kernel_size
     cols_per_image = ho * wo * kh * kw * xp.shape[1] * xp.element_size()
-    budget = min(max(xp.numel() * xp.element_size(), 2 ** 20), 4 * 2 ** 20)
+    budget = min(max(xp.numel() * xp.element_size(), 2 ** 20), chunk_mib * 2 ** 20)
     return max(1, min(xp.shape[0], budget // cols_per_image))
 
 
@@ -80,16 +80,21 @@ def onednn_matmul_available(dtype):
     return dtype == torch.float32
 
 
-def matmul_nt(a, b_t, bias=None):
+def matmul_nt(a, b_t, bias=None, onednn=True):
     """a @ b_t.T (+ bias) for 2-D a (m, k) and b_t (n, k).
 
-    float32 and bf16 on the CPU go through oneDNN's matmul (the `mkldnn._linear_pointwise` op
-    that torch.compile itself emits for linear layers): where MKL's sgemm is slow it is up to
-    twice as fast in float32, and in bf16 up to 3x torch.mm's on the chunk-sized products here
-    (docs/conv_performance.md). Otherwise, and while being traced (torch.jit.trace cannot record
-    the op's arguments; torch.compile lowers it only for constant weights and picks its own
-    matmul anyway): torch.addmm."""
-    if (a.device.type == "cpu" and onednn_matmul_available(a.dtype)
+    onednn: float32 and bf16 on the CPU go through oneDNN's matmul (the
+    `mkldnn._linear_pointwise` op that torch.compile itself emits for linear layers): where
+    MKL's sgemm is slow it is up to twice as fast in float32, and in bf16 up to 3x torch.mm's on
+    the chunk-sized products here (docs/conv_performance.md). That op is fast on contiguous
+    operands only: a weight slice whose rows are strided (a padding region's taps of a
+    channels_last weight) took 1,000x longer on an AMD EPYC (Zen 5). So it gets contiguous
+    operands or none: the conv's callers make them so once per call (a test checks every
+    call), and anything else goes to torch.addmm, which takes any row or column stride. So does
+    everything while being traced (torch.jit.trace cannot record the op's arguments;
+    torch.compile lowers it only for constant weights and picks its own matmul anyway)."""
+    if (onednn and a.device.type == "cpu" and a.is_contiguous() and b_t.is_contiguous()
+            and onednn_matmul_available(a.dtype)
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
         return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
     return torch.mm(a, b_t.t()) if bias is None else torch.addmm(bias, a, b_t.t())
@@ -110,29 +115,34 @@ def add_matmul(acc, a, b):
     return acc.addmm_(a, b) if a.dim() == 2 else acc.baddbmm_(a, b)
 
 
-def column_chunks(xp, kernel_size, stride, dilation, groups, out_hw):
+def column_chunks(xp, kernel_size, stride, dilation, groups, out_hw, chunk_mib):
     """Yield (first output row, im2col matrix (G, m, K)) for successive chunks of images, each
     chunk no larger than `images_per_chunk` allows; rows are ordered (n, ho, wo). The caller
     must drop each matrix before asking for the next, or two chunks are alive at once."""
     ho, wo = out_hw
-    chunk = images_per_chunk(xp, out_hw, kernel_size)
+    chunk = images_per_chunk(xp, out_hw, kernel_size, chunk_mib)
     for i in range(0, xp.shape[0], chunk):
         cols = patches(xp[i:i + chunk], kernel_size, stride, dilation, groups, out_hw)
-        yield i * ho * wo, cols.reshape(cols.shape[0] * ho * wo, groups, -1).transpose(0, 1)
+        # A copy (the im2col matrix) unless the view has rows alike already, as a 1x1 conv's
+        # does; contiguous either way, which oneDNN's matmul needs (matmul_nt).
+        yield i * ho * wo, cols.reshape(cols.shape[0] * ho * wo, groups, -1).contiguous(
+            ).transpose(0, 1)
 
 
-def unfold_matmul(xp, w_t, bias, out_hw, kernel_size, stride, dilation, groups):
+def unfold_matmul(xp, w_t, bias, out_hw, kernel_size, stride, dilation, groups, plan):
     """Correlate a padded input (any view, any layout) with a weight given as matrices.
 
     xp: (N, C, Hp, Wp); w_t: (G, O/G, kh*kw*C/G) with columns ordered (kh, kw, C/G); bias (O,).
     Returns the output as rows (N*Ho*Wo, O), rows ordered (n, ho, wo). The im2col matrix is built
-    a chunk of images at a time (`images_per_chunk`), so it never dominates memory."""
+    a chunk of images at a time (`images_per_chunk`, at most plan.chunk_mib), so it never
+    dominates memory; plan.onednn picks the matmul op (`matmul_nt`)."""
     ho, wo = out_hw
     out = xp.new_empty((xp.shape[0] * ho * wo, w_t.shape[0] * w_t.shape[1]))
-    for start, cols in column_chunks(xp, kernel_size, stride, dilation, groups, out_hw):
+    for start, cols in column_chunks(xp, kernel_size, stride, dilation, groups, out_hw,
+                                     plan.chunk_mib):
         rows = out[start:start + cols.shape[1]]
         if groups == 1:
-            rows.copy_(matmul_nt(cols[0], w_t[0], bias))
+            rows.copy_(matmul_nt(cols[0], w_t[0], bias, plan.onednn))
         else:
             rows.view(-1, groups, w_t.shape[1]).copy_(
                 torch.bmm(cols, w_t.transpose(1, 2)).transpose(0, 1))
@@ -153,7 +163,7 @@ def tap_views(t, kernel_size, stride, dilation, out_hw):
                           q * dw:q * dw + (wo - 1) * sw + 1:sw]
 
 
-def fold_columns(go, w_rows, padded_shape, kernel_size, stride, dilation, out_hw):
+def fold_columns(go, w_rows, padded_shape, kernel_size, stride, dilation, out_hw, plan):
     """col2im of go @ W: the gradient of a padded channels-last input (N, Hp, Wp, G, C/G).
 
     go: output gradient rows (N*Ho*Wo, G, O/G); w_rows: (G, O/G, K) as from `weight_rows`.
@@ -164,12 +174,12 @@ def fold_columns(go, w_rows, padded_shape, kernel_size, stride, dilation, out_hw
     (kh, kw), (ho, wo) = kernel_size, out_hw
     grad_padded = go.new_zeros(padded_shape, dtype=accumulator(go.dtype))   # the taps add up here
     as_nchw = grad_padded.view(n, hp, wp, groups * cg).permute(0, 3, 1, 2)
-    chunk = images_per_chunk(as_nchw, out_hw, kernel_size)
+    chunk = images_per_chunk(as_nchw, out_hw, kernel_size, plan.chunk_mib)
     w_cols = w_rows[0].t().contiguous() if groups == 1 else None       # (K, O) for matmul_nt
     for i in range(0, n, chunk):
         rows = go[i * ho * wo:(i + chunk) * ho * wo]
         if groups == 1:
-            cols = matmul_nt(rows[:, 0], w_cols).unsqueeze(0)           # (1, m, K)
+            cols = matmul_nt(rows[:, 0], w_cols, None, plan.onednn).unsqueeze(0)  # (1, m, K)
         else:
             cols = torch.bmm(rows.transpose(0, 1), w_rows)               # (G, m, K)
         # Converted once, contiguous: adding bf16 into float32 views tap by tap took 10x longer.

@@ -67,18 +67,28 @@ def region_input(src, region, before, stride, dilation):
                c0:(j1 - 1) * sw + (q1 - 1) * dw - left + 1]
 
 
-def conv_source(x, pads, kernel_size, stride, dilation, out_hw):
-    """What the im2col reads, as (source, (top, left) padding still to apply, regions).
-
-    When at least SPLIT_AT_SKIPPED_SHARE of the products would multiply padding: the input
-    itself, channels-last, and the output split into regions. Otherwise one zero-padded
-    channels-last copy, read as a single region (small regions cost more in bookkeeping,
-    copies and short matmuls than they save). Negative padding crops."""
-    regions = output_regions(x.shape[2:], kernel_size, stride, pads, dilation, out_hw)
+def skips_padding(in_hw, kernel_size, stride, pads, dilation, out_hw):
+    """Whether splitting the output into regions skips at least SPLIT_AT_SKIPPED_SHARE of the
+    products (those that would multiply padding): the default choice of `conv_source`."""
+    regions = output_regions(in_hw, kernel_size, stride, pads, dilation, out_hw)
     (kh, kw), (ho, wo) = kernel_size, out_hw
     computed = sum((i1 - i0) * (p1 - p0) * (j1 - j0) * (q1 - q0)
                    for i0, i1, p0, p1, j0, j1, q0, q1 in regions)
-    if computed < (1 - SPLIT_AT_SKIPPED_SHARE) * ho * wo * kh * kw:
+    return computed < (1 - SPLIT_AT_SKIPPED_SHARE) * ho * wo * kh * kw
+
+
+def conv_source(x, pads, kernel_size, stride, dilation, out_hw, split=None):
+    """What the im2col reads, as (source, (top, left) padding still to apply, regions).
+
+    split (by default, where `skips_padding`): the input itself, channels-last, and the output
+    split into regions. Otherwise one zero-padded channels-last copy, read as a single region
+    (small regions cost more in bookkeeping, copies and short matmuls than they save).
+    Negative padding crops, and is never split."""
+    if split is None:
+        split = skips_padding(x.shape[2:], kernel_size, stride, pads, dilation, out_hw)
+    (kh, kw), (ho, wo) = kernel_size, out_hw
+    if split and min(pads) >= 0:
+        regions = output_regions(x.shape[2:], kernel_size, stride, pads, dilation, out_hw)
         return x.contiguous(memory_format=torch.channels_last), (pads[2], pads[0]), regions
     left, right, top, bottom = pads
     xp = pad_channels_last(x, tuple(max(p, 0) for p in pads))
@@ -87,17 +97,20 @@ def conv_source(x, pads, kernel_size, stride, dilation, out_hw):
     return xp, (0, 0), [Region(0, ho, 0, kh, 0, wo, 0, kw)]     # every position reads every tap
 
 
-def conv_regions(src, before, regions, w_taps, bias, stride, dilation, out_hw):
+def conv_regions(src, before, regions, w_taps, bias, stride, dilation, out_hw, plan):
     """The conv of `src` (padding `before` still to apply) as output rows (N*Ho*Wo, O), one
-    unfold + matmul per region. w_taps: the weight as (G, O/G, kh, kw, C/G), `weight_taps`."""
+    unfold + matmul per region. w_taps: the weight as (G, O/G, kh, kw, C/G), `weight_taps`;
+    each region's taps are copied into contiguous filter rows once, for the matmul op
+    (`matmul_nt`)."""
     groups, og = w_taps.shape[:2]
     n, (ho, wo) = src.shape[0], out_hw
 
     def rows_of(region):
         i0, i1, p0, p1, j0, j1, q0, q1 = region
-        return unfold_matmul(region_input(src, region, before, stride, dilation),
-                              w_taps[:, :, p0:p1, q0:q1].reshape(groups, og, -1), bias,
-                              (i1 - i0, j1 - j0), (p1 - p0, q1 - q0), stride, dilation, groups)
+        w_rows = w_taps[:, :, p0:p1, q0:q1].reshape(groups, og, -1).contiguous()
+        return unfold_matmul(region_input(src, region, before, stride, dilation), w_rows, bias,
+                             (i1 - i0, j1 - j0), (p1 - p0, q1 - q0), stride, dilation, groups,
+                             plan)
 
     if len(regions) == 1 and reads_input(regions[0]):   # the rows are the output already
         return rows_of(regions[0])
@@ -114,7 +127,7 @@ def conv_regions(src, before, regions, w_taps, bias, stride, dilation, out_hw):
 
 
 def grad_weight_regions(src, before, regions, grad_map, kernel_size, stride, dilation,
-                        groups):
+                        groups, chunk_mib):
     """grad W as (G, kh, kw, C/G, O/G), summed in `accumulator`'s dtype: per region, its
     im2col columns (rebuilt chunk by chunk) times its rows of the output gradient grad_map
     (N, Ho, Wo, G, O/G)."""
@@ -134,7 +147,7 @@ def grad_weight_regions(src, before, regions, grad_map, kernel_size, stride, dil
         # Accumulated as grad W^T = cols^T @ go (K, O/G): MKL ran this orientation of the same
         # product faster than grad_y^T @ cols (docs/conv_performance.md, variant 2d).
         for start, cols in column_chunks(xs, (p1 - p0, q1 - q0), stride, dilation, groups,
-                                          (i1 - i0, j1 - j0)):
+                                          (i1 - i0, j1 - j0), chunk_mib):
             go_c = go_r[start:start + cols.shape[1]].transpose(0, 1)          # (G, m, O/G)
             if groups == 1:
                 add_matmul(acc[0], cols[0].t(), go_c[0])
