@@ -76,13 +76,17 @@ def networks(job_, size):
         name = size.get("pretrained") or preset_of(size)["model"]
         return [((name, size.get("image_size", 32)), preset_of(size)["batch_size"])]
     if job_["kind"] == "conv":
-        return [((name, 32), PRESETS[name]["batch_size"]) for name in size["models"].split(",")
-                ] + [step for step in step_networks(size)
-                     if step[0][0] not in size["models"].split(",")]
+        layers = layer_networks(size)
+        return layers + [step for step in step_networks(size) if step not in layers]
     if job_["kind"] == "timing":
         return [(("seed", 32), 128)]
     net = WEIGHTS_NETWORKS[size["weights"]]
     return [(net, PRESETS["finetune" if net[0] == LITE0 else net[0]]["batch_size"])]
+
+
+def layer_networks(size):
+    """The (network, image size) pairs, with their preset batch, of a conv job's layer table."""
+    return [((name, 32), PRESETS[name]["batch_size"]) for name in size["models"].split(",")]
 
 
 def step_networks(size):
@@ -177,9 +181,7 @@ def conv_seconds(job_, size, cal):
     total = 0
     for net, batch in step_networks(size):
         total += 3 * 4 * 2 * cal["step"][net] * (size.get("step_batch") or batch) / batch
-    for net, batch in networks(job_, size):
-        if net[0] not in size["models"].split(","):
-            continue
+    for net, batch in layer_networks(size):
         calls = size["warmup"] + size["repeats"]
         total += calls * 2 * (1 + FORWARD_SHARE) * cal["step"][net] + 2 * warmup(cal, net)
         total += 2 * (size["epoch_images"] // batch) * cal["step"][net]

@@ -32,8 +32,9 @@ def cpu_bf16_unit():
             raise ValueError(f"{BF16_OVERRIDE} must be one of {', '.join(BF16_UNITS)}, "
                              f"got {override!r}")
         return BF16_UNITS[override]
-    return next((BF16_UNITS[f] for f in ("amx", "avx512_bf16")
-                 if cpu_has("amx_tile" if f == "amx" else f)), None)
+    if cpu_has("amx_tile"):
+        return "AMX"
+    return "AVX512-BF16" if cpu_has("avx512_bf16") else None
 
 
 def pick_precision(flag, device):

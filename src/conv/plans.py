@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from .im2col import onednn_matmul_available, output_hw
-from .regions import skips_padding
+from .regions import output_regions, skips_padding
 
 MEASURE_SWITCH = "CIFAR_CONV_MEASURE"   # 0: no measuring, every layer runs its default plan
 CHUNK_MIB = (1, 4, 16)                  # the im2col chunk caps tried (4 is the default)
@@ -50,8 +50,9 @@ def default_plan(x_shape, weight_shape, stride, pads, dilation, dtype, device_ty
     products, grad x by correlation unless the layer widens more than 2x, 4 MiB chunks."""
     out_c, kernel = weight_shape[0], tuple(weight_shape[2:])
     out_hw = output_hw(x_shape, kernel, stride, pads, dilation)
+    regions = output_regions(x_shape[2:], kernel, stride, pads, dilation, out_hw)
     return Plan(onednn=device_type == "cpu" and onednn_matmul_available(dtype),
-                split=skips_padding(x_shape[2:], kernel, stride, pads, dilation, out_hw),
+                split=skips_padding(regions, kernel, out_hw),
                 correlate=stride == (1, 1) and out_c <= 2 * x_shape[1], chunk_mib=4)
 
 

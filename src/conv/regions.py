@@ -67,10 +67,10 @@ def region_input(src, region, before, stride, dilation):
                c0:(j1 - 1) * sw + (q1 - 1) * dw - left + 1]
 
 
-def skips_padding(in_hw, kernel_size, stride, pads, dilation, out_hw):
-    """Whether splitting the output into regions skips at least SPLIT_AT_SKIPPED_SHARE of the
-    products (those that would multiply padding): the default choice of `conv_source`."""
-    regions = output_regions(in_hw, kernel_size, stride, pads, dilation, out_hw)
+def skips_padding(regions, kernel_size, out_hw):
+    """Whether splitting the output into these `output_regions` skips at least
+    SPLIT_AT_SKIPPED_SHARE of the products (those that would multiply padding): the default
+    choice of `conv_source`."""
     (kh, kw), (ho, wo) = kernel_size, out_hw
     computed = sum((i1 - i0) * (p1 - p0) * (j1 - j0) * (q1 - q0)
                    for i0, i1, p0, p1, j0, j1, q0, q1 in regions)
@@ -84,12 +84,11 @@ def conv_source(x, pads, kernel_size, stride, dilation, out_hw, split=None):
     split into regions. Otherwise one zero-padded channels-last copy, read as a single region
     (small regions cost more in bookkeeping, copies and short matmuls than they save).
     Negative padding crops, and is never split."""
-    if split is None:
-        split = skips_padding(x.shape[2:], kernel_size, stride, pads, dilation, out_hw)
-    (kh, kw), (ho, wo) = kernel_size, out_hw
-    if split and min(pads) >= 0:
+    if split is not False and min(pads) >= 0:
         regions = output_regions(x.shape[2:], kernel_size, stride, pads, dilation, out_hw)
-        return x.contiguous(memory_format=torch.channels_last), (pads[2], pads[0]), regions
+        if split or skips_padding(regions, kernel_size, out_hw):
+            return x.contiguous(memory_format=torch.channels_last), (pads[2], pads[0]), regions
+    (kh, kw), (ho, wo) = kernel_size, out_hw
     left, right, top, bottom = pads
     xp = pad_channels_last(x, tuple(max(p, 0) for p in pads))
     hp, wp = xp.shape[2:]
