@@ -135,7 +135,7 @@ def intact_checkpoint(path):
 
 # The flags a resume may set: where and how it runs, not what it trains.
 RESUME_FLAGS = ("resume", "device", "precision", "grad_clip", "data_dir", "dist_timeout",
-                "no_conv_measure")
+                "no_conv_measure", "test_every")
 
 
 def check_resume_flags(args, given, saved):

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from precision import cpu_has
+
 CHOICES = ("auto", "cpu", "cuda", "xpu", "mps")
 KEEP_SWITCH = "CIFAR_KEEP_FREED_MEMORY"   # 0: glibc's malloc as it comes (keep_freed_memory)
 
@@ -70,6 +72,21 @@ def describe(device):
     if device.type == "xpu":
         return f"xpu ({torch.xpu.get_device_name(device)})"
     return device.type
+
+
+def machine(device):
+    """The GPU's name, or the CPU's model with what it has for bf16, and its threads."""
+    if device.type != "cpu":
+        return describe(device)
+    model = platform.processor() or "CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    has = [name for name, flag in (("AMX", "amx_tile"), ("AVX512-BF16", "avx512_bf16"))
+           if cpu_has(flag)]
+    return (f"{model}, {torch.get_num_threads()} threads, "
+            + (" and ".join(has) if has else "no AMX, no AVX512-BF16"))
 
 
 def optimize_for_device(model, optimizer, device):

@@ -38,16 +38,19 @@ def predict_logits(model, images, mean, std, batch_size=1000, tta=0):
                       .float() for i in range(0, len(images), batch_size)])
 
 
-def evaluate(model, images, labels, mean, std, tta=0):
-    """(cross-entropy against the hard labels, accuracy) over a whole split. Under torchrun
-    each rank predicts its share and the sums are added up: every rank gets the whole split's
+def evaluate(model, images, labels, mean, std, tta=0, predictions=False):
+    """(cross-entropy against the hard labels, accuracy) over a whole split, and with
+    `predictions` the predicted classes of this rank's share. Under torchrun each rank
+    predicts its share and the sums are added up: every rank gets the whole split's
     figures."""
     mine = distributed.share()
     logits = predict_logits(model, images[mine], mean, std, tta=tta)
+    predicted = logits.argmax(1)
     sums = torch.stack([F.cross_entropy(logits.float(), labels[mine], reduction="sum"),
-                        (logits.argmax(1) == labels[mine]).sum().float()])
+                        (predicted == labels[mine]).sum().float()])
     loss_sum, correct = distributed.all_reduce_sum(sums).tolist()
-    return loss_sum / len(images), correct / len(images)
+    figures = (loss_sum / len(images), correct / len(images))
+    return figures + (predicted,) if predictions else figures
 
 
 def test_report(model, weights, data, device, tta=0):

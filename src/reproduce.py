@@ -31,8 +31,8 @@ import cli
 import jobs
 from benchmark import network, random_epoch, train_epoch_seconds
 from data import DataError, load_cifar
-from device import CHOICES as DEVICES, describe, pick_device
-from precision import CHOICES as PRECISIONS, cpu_has, pick_precision
+from device import CHOICES as DEVICES, machine, pick_device
+from precision import CHOICES as PRECISIONS, pick_precision
 from presets import PRESETS
 from pretrained import BACKBONES, PretrainedError, lite_weights_file
 
@@ -68,21 +68,6 @@ def get_args(argv=None):
     if os.path.exists(os.path.join(args.out, "results.json")):
         p.error(f"{args.out} holds the results of an earlier run; give another --out")
     return args
-
-
-def machine(device):
-    """The GPU's name, or the CPU's model with what it has for bf16, and its threads."""
-    if device.type != "cpu":
-        return describe(device)
-    model = platform.processor() or "CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f
-                          if line.startswith("model name")), model)
-    has = [name for name, flag in (("AMX", "amx_tile"), ("AVX512-BF16", "avx512_bf16"))
-           if cpu_has(flag)]
-    return (f"{model}, {torch.get_num_threads()} threads, "
-            + (" and ".join(has) if has else "no AMX, no AVX512-BF16"))
 
 
 # ----------------------------------------------------------------------------------------------

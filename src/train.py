@@ -11,6 +11,7 @@ data-parallel under `torchrun --nproc_per_node=N` (see distributed.py).
 """
 import math
 import os
+import shlex
 import sys
 import time
 from types import SimpleNamespace
@@ -21,13 +22,14 @@ from tqdm import tqdm
 
 import cli
 import distributed
+import logs
 from checkpoint import (atomic_save, flags_of_resumed_run, lock_run_folder, rng_states,
                         set_aside_other_checkpoint, set_rng_states)
 from conv import plans as conv_plans
 from data import (DataError, augment, channel_stats, load_cifar, normalize, one_hot,
                   stratified_split)
-from device import describe, optimize_for_device, pick_device, stopwatch
-from evaluate import evaluate
+from device import describe, machine, optimize_for_device, pick_device, stopwatch
+from evaluate import evaluate, predict_logits
 from model import FastNet, build_model
 from optim import Lookahead, make_optimizers, make_schedulers
 from preemption import Stopped, deferred_stop_signals, stop_requested, stopped
@@ -54,11 +56,13 @@ def run_label(args):
     return args.preset if args.preset == args.model else f"{args.preset} ({args.model})"
 
 
-def train(args):
+def train(args, command="python src/train.py"):
     """One training run, stopping at a step boundary on SIGTERM or SIGINT (see `Stopped`):
-    set up, train epoch after epoch (each ending in a checkpoint), evaluate on the test set."""
+    set up, train epoch after epoch (each ending in a checkpoint), evaluate on the test set.
+    `command`: the command line, for TensorBoard's card of the run."""
     with deferred_stop_signals() as received:
-        run = SimpleNamespace(args=args, received=received, lock=None, writer=None)
+        run = SimpleNamespace(args=args, received=received, lock=None, writer=None,
+                              command=command)
         try:
             set_up(run)
             for epoch in range(run.start_epoch, args.epochs):
@@ -87,6 +91,10 @@ def set_up(run):
     if run.main:
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
         run.writer = SummaryWriter(args.out)
+        card = logs.run_card(args, run.command, machine(run.device), describe_precision(
+            run.dtype, run.precision_reason).removeprefix("precision: "))
+        partial_steps = run.partial["steps"] if run.partial is not None else 0
+        logs.write_card(run.writer, card, run.start_epoch * run.steps_per_epoch + partial_steps)
     world = run.world
     run.log(f"{run_label(args)}: {sum(p.numel() for p in run.model.parameters()):,} "
             f"parameters, {len(run.train_x)} train / {len(run.val_x)} val images, "
@@ -153,6 +161,13 @@ def set_up_data(run, resume_file):
     # The whole split as one tensor on the device; batches are gathered by index from it.
     run.train_x, run.train_y = (run.data[k][train_idx].to(device) for k in ("train_x", "train_y"))
     run.val_x, run.val_y = (run.data[k][val_idx].to(device) for k in ("train_x", "train_y"))
+    run.test_x, run.test_y = run.data["test_x"].to(device), run.data["test_y"].to(device)
+    # Without a validation split, TensorBoard's held-out curve is the test set's, every few
+    # epochs (logs.py); its seconds are counted apart from the training's.
+    run.test_every = 0 if len(run.val_x) else (
+        logs.held_out_every(len(run.test_x), len(run.train_x)) if args.test_every is None
+        else args.test_every)
+    run.held_out_seconds, run.steps_logged = 0.0, []
     run.steps_per_epoch = len(run.train_x) // args.batch_size   # the partial last batch: dropped
     if run.steps_per_epoch == 0:
         raise DataError(f"only {len(run.train_x)} training images for batch size "
@@ -295,6 +310,8 @@ def train_epoch(run, epoch):
     for step in bar:
         idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
         lr_used, loss, hits = train_step(run, idx, epoch, epoch * n_steps + step + 1)
+        if run.writer is not None:   # held back until a checkpoint covers the step
+            run.steps_logged.append((epoch * n_steps + step + 1, loss, lr_used))
         loss_sum += loss
         correct += hits
         if step % 50 == 49 or step == n_steps - 1:   # one device sync per 50 steps
@@ -348,8 +365,8 @@ def training_parameters(run):
 
 
 def end_epoch(run, epoch, sums):
-    """The epoch's figures (train loss and accuracy over every rank, validation), logged and
-    written to TensorBoard, then its checkpoint; a stop signal ends the run here."""
+    """The epoch's figures (train loss and accuracy over every rank, held-out data), logged
+    and written to TensorBoard, then its checkpoint; a stop signal ends the run here."""
     args, (loss_sum, correct, lr_used) = run.args, sums
     if run.lookahead is not None and epoch == args.epochs - 1:
         run.lookahead.finish()      # the final weights are the slow ones
@@ -360,19 +377,35 @@ def end_epoch(run, epoch, sums):
     train_acc = totals[1].item() / (run.steps_per_epoch * args.batch_size)
     scalars = {"train/loss": train_loss, "train/accuracy": train_acc, "lr": lr_used}
     line = f"epoch {epoch + 1:3d}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}"
-    if len(run.val_x):
-        with run.autocast:
-            val_loss, val_acc = evaluate(run.model, run.val_x, run.val_y, run.mean, run.std)
-        scalars.update({"val/loss": val_loss, "val/accuracy": val_acc})
-        line += f"  val loss {val_loss:.4f} acc {val_acc:.4f}"
+    held_out = held_out_scalars(run, epoch)
+    scalars.update(held_out)
+    for split in ("val", "test"):
+        if f"{split}/loss" in held_out:
+            line += (f"  {split} loss {held_out[f'{split}/loss']:.4f} "
+                     f"acc {held_out[f'{split}/accuracy']:.4f}")
     run.log(f"{line}  {time.perf_counter() - run.started:.0f}s")
     if run.writer is not None:
-        for name, value in scalars.items():
-            run.writer.add_scalar(name, value, epoch + 1)
-        run.writer.flush()
+        logs.write_scalars(run.writer, scalars, epoch + 1)
     save_checkpoint(run, epoch)
     if stop_requested(run.received, run.device):
         raise stopped(run.received, run.args.out, f"after epoch {epoch + 1}")
+
+
+def held_out_scalars(run, epoch):
+    """{"val/loss", "val/accuracy"} every epoch where the run keeps a validation split; else
+    {"test/loss", "test/accuracy"} every `run.test_every` epochs but the last (`finish` logs
+    that one), for TensorBoard's curve only."""
+    if len(run.val_x):
+        with run.autocast:
+            loss, acc = evaluate(run.model, run.val_x, run.val_y, run.mean, run.std)
+        return {"val/loss": loss, "val/accuracy": acc}
+    if not run.test_every or (epoch + 1) % run.test_every or epoch + 1 == run.args.epochs:
+        return {}
+    clock = stopwatch(run.device)
+    with run.autocast:
+        loss, acc = evaluate(run.model, run.test_x, run.test_y, run.mean, run.std)
+    run.held_out_seconds += clock()
+    return {"test/loss": loss, "test/accuracy": acc}
 
 
 def save_checkpoint(run, completed_epoch, partial=None):
@@ -392,6 +425,7 @@ def save_checkpoint(run, completed_epoch, partial=None):
             "conv_plans": conv_plans.chosen(),
             "precision": "bf16" if run.dtype == torch.bfloat16 else "fp32",
             **({"partial": partial} if partial else {})}
+    logs.write_steps(run.writer, run.steps_logged)     # the steps this checkpoint covers
     atomic_save(ckpt, os.path.join(run.args.out, "checkpoint.pt"), keep_previous=True)
 
 
@@ -407,15 +441,15 @@ def check_finite(run, running, epoch):
 
 def finish(run):
     """The test set, touched once here after every choice has been made (with and without
-    TTA), the weights file, and the run's one-line summary."""
+    TTA), the weights file, TensorBoard's last entries and the run's one-line summary."""
     args, device, model = run.args, run.device, run.model
-    test_x, test_y = run.data["test_x"].to(device), run.data["test_y"].to(device)
     eval_clock = stopwatch(device)
     with run.autocast:
-        test_acc = evaluate(model, test_x, test_y, run.mean, run.std, tta=args.tta)[1]
+        _, test_acc, predictions = evaluate(model, run.test_x, run.test_y, run.mean, run.std,
+                                            tta=args.tta, predictions=True)
     run.timed_seconds += eval_clock()
     with run.autocast:
-        test_acc_plain = evaluate(model, test_x, test_y, run.mean, run.std)[1] \
+        test_acc_plain = evaluate(model, run.test_x, run.test_y, run.mean, run.std)[1] \
             if args.tta else test_acc
     weights_path = os.path.join(args.out, "weights.pt")
     if run.main:
@@ -428,25 +462,49 @@ def finish(run):
                      "train_seconds": run.timed_seconds,
                      "pretrained": bool(args.pretrained), "image_size": args.image_size},
                     weights_path)
+        write_final_logs(run, test_acc, test_acc_plain, predictions)
         tta_note = f" with TTA {args.tta} ({test_acc_plain:.4f} without)" if args.tta else ""
         processes = f" x {run.world} processes" if run.world > 1 else ""
+        curve = (f"; the test curve's evaluations took {run.held_out_seconds:.1f}s more"
+                 if run.held_out_seconds else "")
         print(f"done: {run_label(args)} on {args.dataset}, {args.epochs} epochs in "
               f"{time.perf_counter() - run.started:.0f}s on {describe(device)}{processes} "
-              f"({run.timed_seconds:.1f}s of whitening, training steps and test evaluation); "
-              f"test accuracy {test_acc:.4f}{tta_note}; weights {weights_path}")
+              f"({run.timed_seconds:.1f}s of whitening, training steps and test evaluation"
+              f"{curve}); test accuracy {test_acc:.4f}{tta_note}; weights {weights_path}")
     return {"accuracy": test_acc, "accuracy_without_tta": test_acc_plain,
             "seconds": run.timed_seconds}
 
 
-def train_runs(args):
+def write_final_logs(run, test_acc, test_acc_plain, predictions):
+    """TensorBoard's last entries: the test accuracies (the end of the test curve), the
+    hparams with them, the confusion matrix and misclassified images of the test set's
+    `predictions` (with the run's TTA; under torchrun, rank 0 predicted only its share and
+    predicts the whole set once more here)."""
+    args, epoch = run.args, run.args.epochs
+    scalars = {"test/accuracy": test_acc_plain}
+    if args.tta:
+        scalars["test/accuracy_tta"] = test_acc
+    logs.write_scalars(run.writer, scalars, epoch)
+    logs.write_hparams(run.writer, args, {"test_accuracy": test_acc,
+                                          "test_accuracy_without_tta": test_acc_plain,
+                                          "train_seconds": run.timed_seconds})
+    if len(predictions) != len(run.test_x):
+        with run.autocast:
+            predictions = predict_logits(run.model, run.test_x, run.mean, run.std,
+                                         tta=args.tta).argmax(1)
+    logs.write_test_figures(run.writer, run.data, predictions, epoch,
+                            f"{run_label(args)}: test set, {test_acc:.2%}")
+
+
+def train_runs(args, command):
     """--runs N: N trainings with seeds seed..seed+N-1 in RUN_DIR/run<i>, then the mean and
     standard deviation of their test accuracies (as airbench reports)."""
     if args.runs == 1:
-        return [train(args)]
+        return [train(args, command)]
     results, out, seed = [], args.out, args.seed
     for i in range(args.runs):
         args.out, args.seed = os.path.join(out, f"run{i}"), seed + i
-        results.append(train(args))
+        results.append(train(args, command))
     def mean_std(key, digits):
         values = torch.tensor([r[key] for r in results], dtype=torch.float64)
         return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
@@ -460,8 +518,9 @@ def train_runs(args):
 
 def main(argv=None):
     args = get_args(argv)
+    command = shlex.join(["python", "src/train.py", *(sys.argv[1:] if argv is None else argv)])
     try:
-        train_runs(args)
+        train_runs(args, command)
         distributed.close(together=True)
     except Stopped as e:
         distributed.close(together=True)        # every rank stopped after the same step

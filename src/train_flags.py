@@ -54,6 +54,11 @@ def make_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-size", type=int,
                    help="training images held out for validation, stratified (0: none)")
+    p.add_argument("--test-every", type=int, metavar="EPOCHS",
+                   help="without a validation split: evaluate the test set every EPOCHS epochs "
+                        "for TensorBoard's test/accuracy curve, for display only (default: as "
+                        "often as keeps it within 5 %% of the training time, every 2 epochs "
+                        "on CIFAR; 0: never)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--precision", choices=PRECISIONS,
@@ -107,9 +112,10 @@ def check_args(p, args):
     """argparse's one-line error for values no `choices` or `type` rules out."""
     if args.image_size is not None and not args.pretrained:
         p.error("--image-size goes with --pretrained")
-    if min(args.epochs, args.batch_size, args.runs) < 1 or min(args.val_size, args.cutout) < 0:
-        p.error("--epochs, --batch-size and --runs must be at least 1, --val-size and --cutout "
-                "at least 0")
+    if min(args.epochs, args.batch_size, args.runs) < 1 or min(args.val_size, args.cutout,
+                                                                   args.test_every or 0) < 0:
+        p.error("--epochs, --batch-size and --runs must be at least 1, --val-size, --cutout "
+                "and --test-every at least 0")
     if args.resume and args.runs != 1:
         p.error("--resume continues one run; it cannot be combined with --runs")
     if (args.grad_clip or 0) < 0:

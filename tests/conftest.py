@@ -8,6 +8,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -160,3 +161,24 @@ def fast94_run(tmp_path_factory):
     result = run_main("train.py", *FAST94_RUN, "--data-dir", data, "--out", root / "run")
     assert result.returncode == 0, result.stderr
     return result, root / "run", data
+
+
+@pytest.fixture(scope="session")
+def resumed_fast94_run(fast94_run, tmp_path_factory):
+    """The FAST94_RUN killed (SIGKILL, as hard an interruption as there is) once its first
+    checkpoint is written, and resumed to its end: its run folder."""
+    _, _, data = fast94_run
+    out = tmp_path_factory.mktemp("resumed") / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(SRC, "train.py"), *FAST94_RUN,
+                             "--data-dir", data, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    assert not (out / "weights.pt").exists()
+    result = run_main("train.py", "--resume", out, *CPU_FP32)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming {out} after epoch 1" in result.stderr
+    return out

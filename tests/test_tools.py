@@ -10,6 +10,7 @@ from benchmark import (conv_layers, conv_shapes, fmt_shape, network, random_epoc
 from conftest import run_main, run_script
 from model import MODELS
 from pretrained import BACKBONES
+import plot
 
 
 def test_benchmark_prints_markdown_tables_with_ratios(tmp_path):
@@ -98,23 +99,48 @@ def test_benchmark_rejects_unknown_variant():
     assert result.stderr.strip() == "error: benchmark.py: unknown variants: onnx (see --help)"
 
 
-def test_plot_draws_validation_accuracy_from_event_files(tmp_path):
+def test_plot_draws_a_validation_run_from_its_event_files(tmp_path):
     run = tmp_path / "run"
-    writer = SummaryWriter(str(run))
+    writer = SummaryWriter(str(run))   # what a validation run logs per epoch
     for epoch, acc in enumerate([0.3, 0.5, 0.6], start=1):
         writer.add_scalar("val/accuracy", acc, epoch)
         writer.add_scalar("train/accuracy", acc - 0.1, epoch)
+        writer.add_scalar("train/loss", 2 - acc, epoch)
+        writer.add_scalar("lr", 0.1 / epoch, epoch)
     writer.close()
-    out = tmp_path / "docs" / "val.png"
-    result = run_script("plot.py", run, "--out", out)
+    out = tmp_path / "docs"
+    result = run_script("plot.py", run, "--out-dir", out)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"wrote {out}: 3 epochs, best validation accuracy 0.6000"
-    with Image.open(out) as img:
-        assert img.format == "PNG" and img.size == (840, 504)
+    assert result.stdout.strip() == (f"wrote {out / 'accuracy.png'}, {out / 'loss_lr.png'}: "
+                                     f"best held-out accuracy 0.6000 over 3 evaluations")
+    for name, size in (("accuracy.png", (840, 504)), ("loss_lr.png", (1200, 456))):
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and img.size == size, name
 
 
-def test_plot_refuses_a_folder_without_accuracy(tmp_path):
+def test_plot_draws_a_fast94_run_and_compares_runs(fast94_run, resumed_fast94_run, tmp_path):
+    _, run, _ = fast94_run
+    result = run_main("plot.py", run, "--out-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    names = ("accuracy.png", "loss_lr.png", "confusion_matrix.png")
+    best = max(acc for _, acc in plot.read_run(str(run))[0]["test/accuracy"])
+    assert result.stdout.strip() == (f"wrote {', '.join(str(tmp_path / n) for n in names)}: "
+                                     f"best held-out accuracy {best:.4f} over 4 evaluations")
+    for name in names:
+        with Image.open(tmp_path / name) as img:
+            assert img.format == "PNG", name
+
+    result = run_main("plot.py", run, resumed_fast94_run, "--out-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {tmp_path / 'comparison.png'}: 2 runs compared"
+    with Image.open(tmp_path / "comparison.png") as img:
+        assert img.format == "PNG" and img.size == (1320, 504)
+
+
+def test_plot_refuses_a_folder_without_training_scalars(tmp_path):
     result = run_main("plot.py", tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: no 'val/accuracy' scalars in the TensorBoard "
-                                     f"events of {tmp_path}")
+    assert result.stderr.strip() == (f"error: no training scalars in the TensorBoard events "
+                                     f"of {tmp_path}")
+    result = run_main("plot.py", tmp_path / "missing")
+    assert result.stderr.strip() == f"error: no run folder at {tmp_path / 'missing'}"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CPU_FP32, FAST94_RUN, SRC, run_main, run_script, write_cifar10, write_cifar100
+from conftest import CPU_FP32, SRC, run_main, run_script, write_cifar10, write_cifar100
 from data import load_cifar, normalize
 from model import build_model, whitening_filters
 from optim import lr_factor, make_optimizers, make_schedulers
@@ -23,6 +23,8 @@ from train import training_parameters
 from train_flags import get_args
 
 TINY = ["--val-size", "20", "--batch-size", "32", *CPU_FP32]
+HPARAM_METRICS = ("hparams/test_accuracy", "hparams/test_accuracy_without_tta",
+                  "hparams/train_seconds")
 
 
 def test_one_epoch_writes_logs_checkpoint_and_weights(cifar10_dir, tmp_path):
@@ -35,9 +37,11 @@ def test_one_epoch_writes_logs_checkpoint_and_weights(cifar10_dir, tmp_path):
 
     events = EventAccumulator(str(out))
     events.Reload()
-    assert set(events.Tags()["scalars"]) == {"train/loss", "train/accuracy", "val/loss",
-                                             "val/accuracy", "lr"}
+    assert set(events.Tags()["scalars"]) == {
+        "train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr", "step/loss",
+        "step/lr", "test/accuracy", *HPARAM_METRICS}       # the seed preset: no TTA
     assert [e.step for e in events.Scalars("val/accuracy")] == [1]
+    assert [e.step for e in events.Scalars("step/loss")] == [1, 2, 3, 4, 5]   # 180 / 32
 
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 0 and ckpt["args"]["epochs"] == 1
@@ -49,26 +53,12 @@ def test_one_epoch_writes_logs_checkpoint_and_weights(cifar10_dir, tmp_path):
     assert not list(out.glob("*.tmp"))
 
 
-def test_killed_and_resumed_run_ends_with_the_same_weights(fast94_run, tmp_path):
+def test_killed_and_resumed_run_ends_with_the_same_weights(fast94_run, resumed_fast94_run):
     # fast94: lookahead, the alternating flip, the whitening bias stopping after epoch 3
-    # (the seed net: tests/fault_injection.py).
-    _, straight, data = fast94_run
-    resumed = tmp_path / "resumed"
-    proc = subprocess.Popen([sys.executable, os.path.join(SRC, "train.py"), *FAST94_RUN,
-                             "--data-dir", data, "--out", str(resumed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (resumed / "checkpoint.pt").exists() and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)                # as hard an interruption as there is
-    assert proc.wait() == -signal.SIGKILL
-    assert torch.load(resumed / "checkpoint.pt", weights_only=True)["epoch"] == 0
-    assert not (resumed / "weights.pt").exists()
-
-    result = run_main("train.py", "--resume", resumed, *CPU_FP32)
-    assert result.returncode == 0, result.stderr
-    assert f"resuming {resumed} after epoch 1" in result.stderr
+    # (the seed net: tests/fault_injection.py). The kill: conftest.resumed_fast94_run.
+    _, straight, _ = fast94_run
     a = torch.load(straight / "weights.pt", weights_only=True)["state_dict"]
-    b = torch.load(resumed / "weights.pt", weights_only=True)["state_dict"]
+    b = torch.load(resumed_fast94_run / "weights.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -194,7 +184,7 @@ def test_a_second_run_on_a_live_run_folder_refuses(cifar10_dir, tmp_path):
     (["--epochs", "two"], "error: train.py: argument --epochs: invalid int value: 'two' "
                           "(see --help)"),
     (["--epochs", "0"], "error: train.py: --epochs, --batch-size and --runs must be at least "
-                        "1, --val-size and --cutout at least 0 (see --help)"),
+                        "1, --val-size, --cutout and --test-every at least 0 (see --help)"),
     (["--model", "vgg"], "error: train.py: argument --model: invalid choice: 'vgg' (choose from "
                          "{0}fast94{0}, {0}fast95{0}, {0}fast96{0}, {0}resnet18{0}, {0}seed{0}) "
                          "(see --help)"),
@@ -293,9 +283,6 @@ def test_fast94_trains_end_to_end_with_whitening_and_tta(fast94_run):
     assert result.stdout.startswith("done: fast94 on cifar10, 4 epochs in ")
     assert " with TTA 2 (" in result.stdout and "200 train / 0 val images" in result.stderr
 
-    events = EventAccumulator(str(out))
-    events.Reload()
-    assert set(events.Tags()["scalars"]) == {"train/loss", "train/accuracy", "lr"}  # no val
     weights = torch.load(out / "weights.pt", weights_only=True)
     assert weights["model"] == "fast94" and weights["tta"] == 2
     assert 0 <= weights["test_accuracy_without_tta"] <= 1
