@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
-from device import CHOICES as DEVICES, describe, pick_device
+from device import CHOICES as DEVICES, describe, keep_freed_memory, pick_device
 from precision import CHOICES as PRECISIONS, autocast, pick_precision
 from precision import describe as describe_precision
 from conv import Conv2d, conv2d_unfold_autograd
@@ -569,6 +569,7 @@ def main(argv=None):
         return print_cpu_peaks(args.peak_of)
     try:
         device = pick_device(args.device)
+        keep_freed_memory(device)
         precision = pick_precision(args.precision, device) if args.conv else None
         conv_plans.measuring()              # a bad CIFAR_CONV_MEASURE: its one line, now
     except ValueError as e:

@@ -26,8 +26,7 @@ def available(kind):
 
 
 def pick_device(requested="auto", verbose=True):
-    """The torch.device for a --device flag; ValueError (one line) if it is not there. On the
-    CPU it also keeps freed memory in the process (`keep_freed_memory`)."""
+    """The torch.device for a --device flag; ValueError (one line) if it is not there."""
     if requested not in CHOICES:
         raise ValueError(f"unknown device {requested!r}; choose from {', '.join(CHOICES)}")
     if requested == "auto":
@@ -37,8 +36,6 @@ def pick_device(requested="auto", verbose=True):
     else:
         raise ValueError(f"device {requested!r} was asked for but is not available here")
     device = torch.device(kind)
-    if kind == "cpu":
-        keep_freed_memory()
     if verbose:
         print(f"device: {describe(device)}", file=sys.stderr)
     return device
@@ -48,22 +45,31 @@ def pick_device(requested="auto", verbose=True):
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 
 
-def keep_freed_memory():
-    """Tell glibc's malloc to keep the memory a training step frees for the next step.
+def keep_freed_memory(device):
+    """On the CPU, tell glibc's malloc to keep the memory a training step frees for the next
+    step; whether it did.
 
-    By default glibc serves every block above 32 MiB from a fresh mapping and returns it to
-    the OS when it is freed, so the next step's tensors of the same size fault in every page
-    again (and the kernel zeroes them): 150,000-200,000 page faults per step of the
-    hand-written fast94 at batch 512, a quarter of its time, about 5 % of the native net's
+    By default glibc serves every block above 32 MiB from a fresh mapping and unmaps it when
+    it is freed, so every step faults in (and the kernel zeroes) the pages of its large
+    tensors again: a quarter of the hand-written fast94's step on one CPU
     (docs/conv_performance.md, "Memory kept"). With no mappings (M_MMAP_MAX 0) and a trim
-    threshold of 2 GiB, freed blocks stay in the heap and are reused: no faults after the
-    first steps. The cost: the process keeps its peak memory until it exits. Where the C
-    library is not glibc (macOS, musl) this does nothing; so it does with
-    CIFAR_KEEP_FREED_MEMORY=0."""
-    if platform.libc_ver()[0] != "glibc" or os.environ.get(KEEP_SWITCH) == "0":
+    threshold of 2 GiB, freed blocks stay in the heap and are reused. The cost: the process
+    keeps its peak memory until it exits, which is why only train.py, benchmark.py and
+    reproduce.py ask for it. Nothing changes on other devices, where the C library is not
+    glibc (macOS, musl), or with CIFAR_KEEP_FREED_MEMORY=0."""
+    if (device.type != "cpu" or os.environ.get(KEEP_SWITCH) == "0"
+            or not hasattr(os, "confstr") or "glibc" not in gnu_libc()):
         return False
     libc = ctypes.CDLL(None)
     return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def gnu_libc():
+    """"glibc 2.36" and the like where the C library is glibc, else ""."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):
+        return ""
 
 
 def describe(device):

@@ -39,10 +39,10 @@ def predict_logits(model, images, mean, std, batch_size=1000, tta=0):
 
 
 def evaluate(model, images, labels, mean, std, tta=0, predictions=False):
-    """(cross-entropy against the hard labels, accuracy) over a whole split, and with
-    `predictions` the predicted classes of this rank's share. Under torchrun each rank
-    predicts its share and the sums are added up: every rank gets the whole split's
-    figures."""
+    """(cross-entropy against the hard labels, accuracy) over a whole split; with
+    `predictions`, also the predicted class of every image (on the CPU). Under torchrun each
+    rank predicts its share and the sums (and predictions) are gathered: every rank gets the
+    whole split's figures."""
     mine = distributed.share()
     logits = predict_logits(model, images[mine], mean, std, tta=tta)
     predicted = logits.argmax(1)
@@ -50,7 +50,18 @@ def evaluate(model, images, labels, mean, std, tta=0, predictions=False):
                         (predicted == labels[mine]).sum().float()])
     loss_sum, correct = distributed.all_reduce_sum(sums).tolist()
     figures = (loss_sum / len(images), correct / len(images))
-    return figures + (predicted,) if predictions else figures
+    if not predictions:
+        return figures
+    everyone = torch.empty(len(images), dtype=torch.long)
+    for rank, share in enumerate(distributed.all_gather(predicted.cpu())):
+        everyone[rank::distributed.world_size()] = share
+    return figures + (everyone,)
+
+
+def confusion_matrix(labels, predictions, n_classes):
+    """(n, n) counts on the CPU; rows: true class, columns: predicted."""
+    return torch.bincount(labels.cpu() * n_classes + predictions.cpu(),
+                          minlength=n_classes * n_classes).view(n_classes, n_classes)
 
 
 def test_report(model, weights, data, device, tta=0):
@@ -59,8 +70,7 @@ def test_report(model, weights, data, device, tta=0):
     labels = data["test_y"].to(device)
     mean, std = torch.tensor(weights["mean"]), torch.tensor(weights["std"])
     pred = predict_logits(model, data["test_x"].to(device), mean, std, tta=tta).argmax(1)
-    n = len(weights["classes"])
-    confusion = torch.bincount(labels * n + pred, minlength=n * n).view(n, n).cpu()
+    confusion = confusion_matrix(labels, pred, len(weights["classes"]))
     per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1)
     return {"accuracy": confusion.diag().sum().item() / len(labels), "tta": tta,
             "per_class": dict(zip(weights["classes"], per_class.tolist())),

@@ -1,14 +1,14 @@
 """What a training run shows in TensorBoard, all in the run folder's event files:
 
 - TEXT, "run": a card with the command, the git commit, the machine, the precision and seed;
-- SCALARS at the global step (the optimiser steps so far): `step/loss` and `step/lr`, every
-  step;
+- SCALARS at the global step (the optimiser steps so far): `step/loss` (under torchrun,
+  rank 0's share of the batch) and `step/lr`, every step;
 - SCALARS at the epoch (1, 2, ...): `train/loss`, `train/accuracy` and `lr` over the epoch,
   `val/loss` and `val/accuracy` where the run keeps a validation split, otherwise `test/loss`
   and `test/accuracy` every few epochs (`held_out_every`): a curve to look at, never to
   choose a recipe by (train.py's `finish` touches the test set for its result once, at the
-  end); at the last epoch `test/accuracy` is that result without TTA, and
-  `test/accuracy_tta` with it;
+  end); at the last epoch `test/loss` and `test/accuracy` are that result without TTA,
+  and `test/accuracy_tta` with it;
 - HPARAMS: the run's flags with its final test accuracies and training seconds;
 - IMAGES, at the end: the test set's confusion matrix and a grid of misclassified test
   images.
@@ -21,9 +21,12 @@ the same values (a resume is exact); plot.py keeps one of each.
 """
 import math
 import os
+import shlex
 import subprocess
 
 import torch
+
+from evaluate import confusion_matrix
 
 FORWARD_SHARE = 1 / 3        # a forward pass costs about a third of a training step per image
 HELD_OUT_BUDGET = 0.05       # the test-set curve may cost this share of the training time
@@ -54,10 +57,13 @@ def git_commit():
     return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
 
 
-def run_card(args, command, machine, precision):
-    """The TEXT card of a run, in Markdown: how to repeat it and where it ran."""
-    rows = [("command", f"`{command}`"), ("commit", git_commit()),
-            ("machine", machine), ("precision", precision), ("seed", str(args.seed)),
+def run_card(args, argv, world, machine, precision, steps_per_epoch):
+    """The TEXT card of a run, in Markdown: how to repeat it and where it ran. plot.py reads
+    its steps per epoch back."""
+    launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
+    rows = [("command", f"`{launcher} {shlex.join(['src/train.py', *argv])}`"),
+            ("commit", git_commit()), ("machine", machine), ("precision", precision),
+            ("seed", str(args.seed)), ("steps per epoch", str(steps_per_epoch)),
             ("torch", torch.__version__)]
     return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
@@ -106,15 +112,9 @@ def write_hparams(writer, args, metrics):
     from torch.utils.tensorboard.summary import hparams as hparams_summary
     metric_tags = {f"hparams/{name}": value for name, value in metrics.items()}
     for summary in hparams_summary(hparams(args), metric_tags):
-        writer.file_writer.add_summary(summary)
+        writer._get_file_writer().add_summary(summary)
     for tag, value in metric_tags.items():
         writer.add_scalar(tag, value, args.epochs)
-
-
-def confusion_matrix(labels, predictions, n_classes):
-    """(n, n) counts; rows: true class, columns: predicted."""
-    return torch.bincount(labels.cpu() * n_classes + predictions.cpu(),
-                          minlength=n_classes * n_classes).view(n_classes, n_classes)
 
 
 def confusion_figure(confusion, classes, title):
@@ -165,4 +165,3 @@ def write_test_figures(writer, data, predictions, epoch, title):
     writer.add_figure("test/misclassified", misclassified_figure(
         data["test_x"], labels.cpu(), predictions.cpu(), classes), epoch)
     writer.flush()
-    return confusion

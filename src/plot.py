@@ -8,6 +8,7 @@ otherwise. The held-out curve is the validation split's where the run kept one, 
 set's (evaluated every few epochs for display only).
 """
 import os
+import re
 
 import cli
 
@@ -16,14 +17,21 @@ HELD_OUT = (("val", "validation (held-out split)"), ("test", "test set (display 
 
 def read_run(run_dir):
     """{tag: [(step, value)]} of every scalar of a run folder, the last value written winning
-    where a step repeats, and {tag: PNG bytes} of its images (the last of each)."""
+    where a step repeats (plus "steps per epoch" from the run's card, where it has one), and
+    {tag: PNG bytes} of its images (the last of each)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(run_dir, size_guidance={"scalars": 0, "images": 0})
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0, "images": 0,
+                                                      "tensors": 0})
     events.Reload()
     scalars = {tag: sorted({e.step: e.value for e in events.Scalars(tag)}.items())
                for tag in events.Tags()["scalars"]}
     if "train/accuracy" not in scalars:
         raise ValueError(f"no training scalars in the TensorBoard events of {run_dir}")
+    if "run/text_summary" in events.Tags()["tensors"]:
+        card = events.Tensors("run/text_summary")[-1].tensor_proto.string_val[0].decode()
+        found = re.search(r"\| steps per epoch \| (\d+) \|", card)
+        if found:
+            scalars["steps per epoch"] = int(found.group(1))
     images = {tag: events.Images(tag)[-1].encoded_image_string
               for tag in events.Tags()["images"]}
     return scalars, images
@@ -39,10 +47,8 @@ def held_out(scalars):
 
 
 def step_epochs(scalars):
-    """The per-step scalars' x in epochs: steps / steps per epoch, the latter from the last
-    logged step and the last whole epoch."""
-    steps, epochs = scalars.get("step/loss", []), scalars["train/loss"]
-    per_epoch = max(1, round(steps[-1][0] / epochs[-1][0])) if steps else 1
+    """The per-step scalars' x in epochs: steps / the run card's steps per epoch."""
+    per_epoch = scalars.get("steps per epoch", 1)
     return lambda step: step / per_epoch
 
 
@@ -65,7 +71,7 @@ def accuracy_figure(scalars, title, out):
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     ax.plot(*zip(*scalars["train/accuracy"]), label="train (augmented batches)",
             color="tab:gray", linestyle="--")
-    split, label, curve = held_out(scalars)
+    _, label, curve = held_out(scalars)
     if curve:
         ax.plot(*zip(*curve), label=label, color="tab:blue", marker="o", markersize=3)
         best_epoch, best = max(curve, key=lambda p: p[1])
@@ -79,7 +85,7 @@ def accuracy_figure(scalars, title, out):
     integer_epochs(ax)
     ax.legend(loc="lower right")
     save(fig, out)
-    return split, curve
+    return curve
 
 
 def loss_lr_figure(scalars, title, out):
@@ -142,7 +148,7 @@ def plot_run(run_dir, out_dir, title=None):
     scalars, images = read_run(run_dir)
     title = title or os.path.basename(os.path.normpath(run_dir))
     written = [os.path.join(out_dir, name) for name in ("accuracy.png", "loss_lr.png")]
-    _, curve = accuracy_figure(scalars, title, written[0])
+    curve = accuracy_figure(scalars, title, written[0])
     loss_lr_figure(scalars, title, written[1])
     if "test/confusion_matrix" in images:     # drawn by train.py at the end of the run
         written.append(os.path.join(out_dir, "confusion_matrix.png"))

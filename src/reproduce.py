@@ -31,7 +31,7 @@ import cli
 import jobs
 from benchmark import network, random_epoch, train_epoch_seconds
 from data import DataError, load_cifar
-from device import CHOICES as DEVICES, machine, pick_device
+from device import CHOICES as DEVICES, keep_freed_memory, machine, pick_device
 from precision import CHOICES as PRECISIONS, pick_precision
 from presets import PRESETS
 from pretrained import BACKBONES, PretrainedError, lite_weights_file
@@ -391,6 +391,7 @@ def main(argv=None, clock=time.monotonic):
     signal.signal(signal.SIGTERM, interrupted)
     try:
         device = pick_device(args.device, verbose=False)
+        keep_freed_memory(device)         # as train.py and benchmark.py: the steps timed here
         dtype, why = pick_precision(args.precision, device)
         selected = [j for j in jobs.JOBS if not args.only or j["name"] in args.only.split(",")]
         os.makedirs(args.out, exist_ok=True)

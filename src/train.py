@@ -11,7 +11,6 @@ data-parallel under `torchrun --nproc_per_node=N` (see distributed.py).
 """
 import math
 import os
-import shlex
 import sys
 import time
 from types import SimpleNamespace
@@ -28,8 +27,9 @@ from checkpoint import (atomic_save, flags_of_resumed_run, lock_run_folder, rng_
 from conv import plans as conv_plans
 from data import (DataError, augment, channel_stats, load_cifar, normalize, one_hot,
                   stratified_split)
-from device import describe, machine, optimize_for_device, pick_device, stopwatch
-from evaluate import evaluate, predict_logits
+from device import (describe, keep_freed_memory, machine, optimize_for_device, pick_device,
+                    stopwatch)
+from evaluate import evaluate
 from model import FastNet, build_model
 from optim import Lookahead, make_optimizers, make_schedulers
 from preemption import Stopped, deferred_stop_signals, stop_requested, stopped
@@ -56,13 +56,13 @@ def run_label(args):
     return args.preset if args.preset == args.model else f"{args.preset} ({args.model})"
 
 
-def train(args, command="python src/train.py"):
+def train(args, argv=()):
     """One training run, stopping at a step boundary on SIGTERM or SIGINT (see `Stopped`):
     set up, train epoch after epoch (each ending in a checkpoint), evaluate on the test set.
-    `command`: the command line, for TensorBoard's card of the run."""
+    `argv`: the command line's flags, for TensorBoard's card of the run."""
     with deferred_stop_signals() as received:
         run = SimpleNamespace(args=args, received=received, lock=None, writer=None,
-                              command=command)
+                              argv=list(argv))
         try:
             set_up(run)
             for epoch in range(run.start_epoch, args.epochs):
@@ -91,8 +91,9 @@ def set_up(run):
     if run.main:
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
         run.writer = SummaryWriter(args.out)
-        card = logs.run_card(args, run.command, machine(run.device), describe_precision(
-            run.dtype, run.precision_reason).removeprefix("precision: "))
+        card = logs.run_card(args, run.argv, run.world, machine(run.device),
+                             describe_precision(run.dtype, run.precision_reason)
+                             .removeprefix("precision: "), run.steps_per_epoch)
         partial_steps = run.partial["steps"] if run.partial is not None else 0
         logs.write_card(run.writer, card, run.start_epoch * run.steps_per_epoch + partial_steps)
     world = run.world
@@ -109,6 +110,7 @@ def set_up_device(run):
     process group under torchrun, and the precision."""
     args = run.args
     run.device = distributed.init(pick_device(args.device, verbose=False), args.dist_timeout)
+    keep_freed_memory(run.device)
     run.world, run.main = distributed.world_size(), distributed.is_main()
     # Only rank 0 talks (and writes files); the other ranks train silently beside it.
     run.log = (lambda *a: print(*a, file=sys.stderr)) if run.main else (lambda *a: None)
@@ -162,12 +164,8 @@ def set_up_data(run, resume_file):
     run.train_x, run.train_y = (run.data[k][train_idx].to(device) for k in ("train_x", "train_y"))
     run.val_x, run.val_y = (run.data[k][val_idx].to(device) for k in ("train_x", "train_y"))
     run.test_x, run.test_y = run.data["test_x"].to(device), run.data["test_y"].to(device)
-    # Without a validation split, TensorBoard's held-out curve is the test set's, every few
-    # epochs (logs.py); its seconds are counted apart from the training's.
-    run.test_every = 0 if len(run.val_x) else (
-        logs.held_out_every(len(run.test_x), len(run.train_x)) if args.test_every is None
-        else args.test_every)
-    run.held_out_seconds, run.steps_logged = 0.0, []
+    run.test_every = test_curve_every(run)
+    run.held_out_seconds, run.pending_steps = 0.0, []
     run.steps_per_epoch = len(run.train_x) // args.batch_size   # the partial last batch: dropped
     if run.steps_per_epoch == 0:
         raise DataError(f"only {len(run.train_x)} training images for batch size "
@@ -181,6 +179,17 @@ def set_up_data(run, resume_file):
     if args.flip == "alternating":
         bit_gen = torch.Generator().manual_seed(args.seed + 1)
         run.flip_bits = (torch.rand(len(run.train_x), generator=bit_gen) < 0.5).to(device)
+
+
+def test_curve_every(run):
+    """Every how many epochs TensorBoard's test curve is evaluated (0: never): only without a
+    validation split, as --test-every says or within 5 % of the training time (logs.py). Its
+    seconds are counted apart from the training's."""
+    if len(run.val_x):
+        return 0
+    if run.args.test_every is not None:
+        return run.args.test_every
+    return logs.held_out_every(len(run.test_x), len(run.train_x))
 
 
 def set_up_model(run):
@@ -311,7 +320,7 @@ def train_epoch(run, epoch):
         idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
         lr_used, loss, hits = train_step(run, idx, epoch, epoch * n_steps + step + 1)
         if run.writer is not None:   # held back until a checkpoint covers the step
-            run.steps_logged.append((epoch * n_steps + step + 1, loss, lr_used))
+            run.pending_steps.append((epoch * n_steps + step + 1, loss, lr_used))
         loss_sum += loss
         correct += hits
         if step % 50 == 49 or step == n_steps - 1:   # one device sync per 50 steps
@@ -425,7 +434,7 @@ def save_checkpoint(run, completed_epoch, partial=None):
             "conv_plans": conv_plans.chosen(),
             "precision": "bf16" if run.dtype == torch.bfloat16 else "fp32",
             **({"partial": partial} if partial else {})}
-    logs.write_steps(run.writer, run.steps_logged)     # the steps this checkpoint covers
+    logs.write_steps(run.writer, run.pending_steps)    # the steps this checkpoint covers
     atomic_save(ckpt, os.path.join(run.args.out, "checkpoint.pt"), keep_previous=True)
 
 
@@ -445,12 +454,12 @@ def finish(run):
     args, device, model = run.args, run.device, run.model
     eval_clock = stopwatch(device)
     with run.autocast:
-        _, test_acc, predictions = evaluate(model, run.test_x, run.test_y, run.mean, run.std,
-                                            tta=args.tta, predictions=True)
+        tta_loss, test_acc, predictions = evaluate(model, run.test_x, run.test_y, run.mean,
+                                                   run.std, tta=args.tta, predictions=True)
     run.timed_seconds += eval_clock()
     with run.autocast:
-        test_acc_plain = evaluate(model, run.test_x, run.test_y, run.mean, run.std)[1] \
-            if args.tta else test_acc
+        test_loss, test_acc_plain = evaluate(model, run.test_x, run.test_y, run.mean, run.std) \
+            if args.tta else (tta_loss, test_acc)
     weights_path = os.path.join(args.out, "weights.pt")
     if run.main:
         atomic_save({"model": args.model, "dataset": args.dataset,
@@ -462,7 +471,9 @@ def finish(run):
                      "train_seconds": run.timed_seconds,
                      "pretrained": bool(args.pretrained), "image_size": args.image_size},
                     weights_path)
-        write_final_logs(run, test_acc, test_acc_plain, predictions)
+        write_final_logs(run, {"test/loss": test_loss, "test/accuracy": test_acc_plain,
+                               **({"test/accuracy_tta": test_acc} if args.tta else {})},
+                         predictions)
         tta_note = f" with TTA {args.tta} ({test_acc_plain:.4f} without)" if args.tta else ""
         processes = f" x {run.world} processes" if run.world > 1 else ""
         curve = (f"; the test curve's evaluations took {run.held_out_seconds:.1f}s more"
@@ -475,36 +486,29 @@ def finish(run):
             "seconds": run.timed_seconds}
 
 
-def write_final_logs(run, test_acc, test_acc_plain, predictions):
-    """TensorBoard's last entries: the test accuracies (the end of the test curve), the
-    hparams with them, the confusion matrix and misclassified images of the test set's
-    `predictions` (with the run's TTA; under torchrun, rank 0 predicted only its share and
-    predicts the whole set once more here)."""
+def write_final_logs(run, scalars, predictions):
+    """TensorBoard's last entries: the test set's figures (the end of its curve), the hparams
+    with them, the confusion matrix and misclassified images of its `predictions` (with the
+    run's TTA)."""
     args, epoch = run.args, run.args.epochs
-    scalars = {"test/accuracy": test_acc_plain}
-    if args.tta:
-        scalars["test/accuracy_tta"] = test_acc
+    final = scalars.get("test/accuracy_tta", scalars["test/accuracy"])
     logs.write_scalars(run.writer, scalars, epoch)
-    logs.write_hparams(run.writer, args, {"test_accuracy": test_acc,
-                                          "test_accuracy_without_tta": test_acc_plain,
+    logs.write_hparams(run.writer, args, {"test_accuracy": final,
+                                          "test_accuracy_without_tta": scalars["test/accuracy"],
                                           "train_seconds": run.timed_seconds})
-    if len(predictions) != len(run.test_x):
-        with run.autocast:
-            predictions = predict_logits(run.model, run.test_x, run.mean, run.std,
-                                         tta=args.tta).argmax(1)
     logs.write_test_figures(run.writer, run.data, predictions, epoch,
-                            f"{run_label(args)}: test set, {test_acc:.2%}")
+                            f"{run_label(args)}: test set, {final:.2%}")
 
 
-def train_runs(args, command):
+def train_runs(args, argv):
     """--runs N: N trainings with seeds seed..seed+N-1 in RUN_DIR/run<i>, then the mean and
     standard deviation of their test accuracies (as airbench reports)."""
     if args.runs == 1:
-        return [train(args, command)]
+        return [train(args, argv)]
     results, out, seed = [], args.out, args.seed
     for i in range(args.runs):
         args.out, args.seed = os.path.join(out, f"run{i}"), seed + i
-        results.append(train(args, command))
+        results.append(train(args, argv))
     def mean_std(key, digits):
         values = torch.tensor([r[key] for r in results], dtype=torch.float64)
         return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
@@ -518,9 +522,8 @@ def train_runs(args, command):
 
 def main(argv=None):
     args = get_args(argv)
-    command = shlex.join(["python", "src/train.py", *(sys.argv[1:] if argv is None else argv)])
     try:
-        train_runs(args, command)
+        train_runs(args, sys.argv[1:] if argv is None else argv)
         distributed.close(together=True)
     except Stopped as e:
         distributed.close(together=True)        # every rank stopped after the same step

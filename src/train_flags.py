@@ -116,6 +116,9 @@ def check_args(p, args):
                                                                    args.test_every or 0) < 0:
         p.error("--epochs, --batch-size and --runs must be at least 1, --val-size, --cutout "
                 "and --test-every at least 0")
+    if args.test_every is not None and args.val_size and not args.resume:
+        p.error("--test-every is for runs without a validation split (--val-size 0): with one, "
+                "the validation accuracy is the held-out curve")
     if args.resume and args.runs != 1:
         p.error("--resume continues one run; it cannot be combined with --runs")
     if (args.grad_clip or 0) < 0:

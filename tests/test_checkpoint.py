@@ -86,8 +86,8 @@ def test_a_resume_refuses_flags_that_change_the_run():
     assert str(error.value) == (
         "a resumed run keeps its own flags: --epochs 5 (the run's: 2), --lr 0.1 (the run's: "
         "0.05); a resume takes only --device, --precision, --grad-clip, --data-dir, "
-        "--dist-timeout and --no-conv-measure (start a new run in another --out to change the "
-        "rest)")
+        "--dist-timeout, --no-conv-measure and --test-every (start a new run in another --out "
+        "to change the rest)")
     same = get_args(["--resume", "run", "--epochs", "2", "--device", "cuda"])
     check_resume_flags(same, same.given, saved)       # the run's own value is no change
     typed = get_args(["--resume", "run", "--seed", "0", "--conv", "hand"])   # the defaults

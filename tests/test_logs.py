@@ -44,7 +44,7 @@ def test_a_fast94_run_leaves_its_curves_hparams_figures_and_card(fast94_run):
     step_lr = {e.step: e.value for e in events.Scalars("step/lr")}
     assert [step_lr[4 * e.step] for e in events.Scalars("lr")] == [
         e.value for e in events.Scalars("lr")]
-    assert [e.step for e in events.Scalars("test/loss")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("test/loss")] == [1, 2, 3, 4]
     test_curve = events.Scalars("test/accuracy")
     assert [e.step for e in test_curve] == [1, 2, 3, 4]     # the last point: the result
     assert test_curve[-1].value == pytest.approx(weights["test_accuracy_without_tta"])
@@ -64,7 +64,7 @@ def test_a_fast94_run_leaves_its_curves_hparams_figures_and_card(fast94_run):
     text = card.tensor_proto.string_val[0].decode()
     assert "| command | `python src/train.py --preset fast94 --epochs 4 --batch-size 50" in text
     assert "| precision | fp32 (--precision fp32) |" in text and "| seed | 0 |" in text
-    assert f"| torch | {torch.__version__} |" in text
+    assert f"| torch | {torch.__version__} |" in text and "| steps per epoch | 4 |" in text
     assert "| commit | " in text and "| machine | " in text
 
 

@@ -3,6 +3,7 @@ import json
 
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
 from benchmark import (conv_layers, conv_shapes, fmt_shape, network, random_epoch,
@@ -10,7 +11,6 @@ from benchmark import (conv_layers, conv_shapes, fmt_shape, network, random_epoc
 from conftest import run_main, run_script
 from model import MODELS
 from pretrained import BACKBONES
-import plot
 
 
 def test_benchmark_prints_markdown_tables_with_ratios(tmp_path):
@@ -123,7 +123,9 @@ def test_plot_draws_a_fast94_run_and_compares_runs(fast94_run, resumed_fast94_ru
     result = run_main("plot.py", run, "--out-dir", tmp_path)
     assert result.returncode == 0, result.stderr
     names = ("accuracy.png", "loss_lr.png", "confusion_matrix.png")
-    best = max(acc for _, acc in plot.read_run(str(run))[0]["test/accuracy"])
+    events = EventAccumulator(str(run))
+    events.Reload()
+    best = max(e.value for e in events.Scalars("test/accuracy"))
     assert result.stdout.strip() == (f"wrote {', '.join(str(tmp_path / n) for n in names)}: "
                                      f"best held-out accuracy {best:.4f} over 4 evaluations")
     for name in names:
@@ -143,4 +145,5 @@ def test_plot_refuses_a_folder_without_training_scalars(tmp_path):
     assert result.stderr.strip() == (f"error: no training scalars in the TensorBoard events "
                                      f"of {tmp_path}")
     result = run_main("plot.py", tmp_path / "missing")
+    assert result.returncode == 2
     assert result.stderr.strip() == f"error: no run folder at {tmp_path / 'missing'}"

@@ -39,7 +39,7 @@ def test_one_epoch_writes_logs_checkpoint_and_weights(cifar10_dir, tmp_path):
     events.Reload()
     assert set(events.Tags()["scalars"]) == {
         "train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr", "step/loss",
-        "step/lr", "test/accuracy", *HPARAM_METRICS}       # the seed preset: no TTA
+        "step/lr", "test/loss", "test/accuracy", *HPARAM_METRICS}    # seed: no TTA
     assert [e.step for e in events.Scalars("val/accuracy")] == [1]
     assert [e.step for e in events.Scalars("step/loss")] == [1, 2, 3, 4, 5]   # 180 / 32
 
@@ -198,6 +198,9 @@ def test_a_second_run_on_a_live_run_folder_refuses(cifar10_dir, tmp_path):
     (["--device", "tpu"], "error: train.py: argument --device: invalid choice: 'tpu' (choose from "
                           "{0}auto{0}, {0}cpu{0}, {0}cuda{0}, {0}xpu{0}, {0}mps{0}) (see --help)"),
     (["--grad-clip", "-1"], "error: train.py: --grad-clip must be at least 0 (see --help)"),
+    (["--test-every", "2"], "error: train.py: --test-every is for runs without a validation "
+                            "split (--val-size 0): with one, the validation accuracy is the "
+                            "held-out curve (see --help)"),
     (["--precision", "fp8"], "error: train.py: argument --precision: invalid choice: 'fp8' "
                              "(choose from {0}auto{0}, {0}fp32{0}, {0}bf16{0}) (see --help)"),
 ])
