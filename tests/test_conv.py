@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from conftest import rel_err
-from conv import Conv2d, conv2d_unfold, conv2d_unfold_autograd
+from conv import Conv2d, conv2d_unfold, conv2d_unfold_autograd, swap_convs
 from conv.im2col import (ONEDNN_MATMUL_SWITCH, images_per_chunk, matmul_nt,
                          onednn_matmul_available)
 from conv.regions import conv_source
@@ -236,6 +236,39 @@ def test_conv_channels_last_input_gives_the_same_result():
     assert torch.equal(y, y_cl)
 
 
+@pytest.mark.parametrize("cin, cout, groups, padding", [(4, 6, 1, 1), (4, 6, 2, 0), (6, 6, 6, 1)],
+                         ids=["matmul", "grouped", "depthwise"])
+def test_an_inplace_op_after_the_conv_gives_nn_conv2d_outputs_and_gradients(cin, cout, groups,
+                                                                            padding):
+    """nn.ReLU(inplace=True) after a conv (AlexNet, VGG, EfficientNet): the output is a tensor
+    of its own, not a view, so autograd lets it change in place; float64, to 1e-12."""
+    torch.manual_seed(4)
+    hand = Conv2d(cin, cout, 3, padding=padding, groups=groups).double()
+    native = nn.Conv2d(cin, cout, 3, padding=padding, groups=groups).double()
+    native.load_state_dict(hand.state_dict())
+    x = torch.randn(2, cin, 7, 7, dtype=torch.float64)
+    results = []
+    for conv in (hand, native):
+        xi = x.clone().requires_grad_()
+        y = nn.ReLU(inplace=True)(conv(xi))
+        (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        results.append((y.detach(), xi.grad, conv.weight.grad, conv.bias.grad))
+    for ours, theirs in zip(*results):
+        assert torch.allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_a_double_backward_is_refused_in_one_line_when_it_is_asked_for():
+    """The backward is written out (chunks, regions, sums in place) and not itself
+    differentiable: create_graph=True works, differentiating its result raises (see
+    docs/conv_performance.md, "Double backward")."""
+    conv = Conv2d(2, 3, 3).double()
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(conv(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="^trying to differentiate twice a function that "
+                                           "was marked with @once_differentiable$"):
+        grad_x.pow(2).sum().backward()
+
+
 def test_default_init_equals_nn_conv2d_for_the_same_seed():
     for args in [(3, 8, 3), (6, 4, (1, 3), 1, 0, 1, 2)]:
         torch.manual_seed(7)
@@ -257,18 +290,88 @@ def test_state_dicts_load_both_ways():
     assert Conv2d(3, 5, 3, bias=False).state_dict().keys() == {"weight"}
 
 
-def test_bad_arguments_raise_like_pytorch():
+BAD_CONSTRUCTIONS = [dict(stride=2, padding="same"), dict(padding="full"), dict(groups=2),
+                     dict(padding_mode="mirror")]
+BAD_CALLS = [((3, 4, 3), (1, 4, 8, 8)), ((3, 4, 3, 1, 0, 2), (1, 3, 4, 4)),
+             ((3, 4, 3), (3, 8)), ((3, 4, 3), (1, 1, 3, 8, 8))]
+
+
+def raised(fn):
+    try:
+        fn()
+    except Exception as e:          # the type is what is compared
+        return type(e)
+    raise AssertionError("no exception")
+
+
+@pytest.mark.parametrize("kwargs", BAD_CONSTRUCTIONS, ids=str)
+def test_a_bad_argument_raises_what_nn_conv2d_raises(kwargs):
+    assert raised(lambda: Conv2d(3, 4, 3, **kwargs)) is raised(lambda: nn.Conv2d(3, 4, 3,
+                                                                                 **kwargs))
+
+
+@pytest.mark.parametrize("args, shape", BAD_CALLS, ids=str)
+def test_a_bad_input_raises_what_nn_conv2d_raises(args, shape):
+    x = torch.zeros(shape)
+    assert raised(lambda: Conv2d(*args)(x)) is raised(lambda: nn.Conv2d(*args)(x)) \
+        is RuntimeError
+
+
+def test_bad_arguments_say_what_is_wrong():
     with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
         Conv2d(3, 4, 3, stride=2, padding="same")
     with pytest.raises(ValueError, match="padding must be an int, a pair, 'same' or 'valid'"):
         Conv2d(3, 4, 3, padding="full")
     with pytest.raises(ValueError, match="divisible by groups"):
         Conv2d(3, 4, 3, groups=2)
-    with pytest.raises(ValueError, match="expects 3 input channels, got 4"):
+    with pytest.raises(ValueError, match="padding_mode must be one of \\('zeros', 'reflect', "
+                                         "'replicate', 'circular'\\), got 'mirror'"):
+        Conv2d(3, 4, 3, padding_mode="mirror")
+    with pytest.raises(RuntimeError, match="expects 3 input channels, got 4"):
         Conv2d(3, 4, 3)(torch.zeros(1, 4, 8, 8))
-    with pytest.raises(ValueError, match=r"kernel \(3, 3\) with dilation \(2, 2\) is larger "
-                                         r"than the padded input \(4, 4\)"):
+    with pytest.raises(RuntimeError, match=r"kernel \(3, 3\) with dilation \(2, 2\) is larger "
+                                           r"than the padded input \(4, 4\)"):
         Conv2d(3, 4, 3, dilation=2)(torch.zeros(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding, stride, batched", [(1, 1, True), ((2, 1), 2, True),
+                                                      ("same", 1, False)], ids=str)
+def test_every_padding_mode_and_unbatched_input_match_nn_conv2d(mode, padding, stride, batched):
+    """float64: outputs, and the gradients of input, weight and bias, to 1e-10."""
+    torch.manual_seed(5)
+    hand = Conv2d(3, 5, 3, stride=stride, padding=padding, padding_mode=mode).double()
+    native = nn.Conv2d(3, 5, 3, stride=stride, padding=padding, padding_mode=mode).double()
+    native.load_state_dict(hand.state_dict())
+    x = torch.randn((2, 3, 9, 8) if batched else (3, 9, 8), dtype=torch.float64)
+    results = []
+    for conv in (hand, native):
+        xi = x.clone().requires_grad_()
+        y = conv(xi)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(0),
+                         dtype=y.dtype)).sum().backward()
+        results.append((y.detach(), xi.grad, conv.weight.grad, conv.bias.grad))
+    assert results[0][0].shape == results[1][0].shape
+    for ours, theirs in zip(*results):
+        assert rel_err(ours, theirs) < 1e-10
+
+
+def test_swap_convs_swaps_every_padding_mode_and_refuses_a_conv_with_its_own_forward():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+                        nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"))
+    swap_convs(net)
+    assert [type(m) for m in net] == [Conv2d, Conv2d]
+    assert [m.padding_mode for m in net] == ["reflect", "circular"]
+
+    class Standardised(nn.Conv2d):
+        def forward(self, x):
+            w = (self.weight - self.weight.mean()) / self.weight.std()
+            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(Standardised(4, 4, 3)))
+    with pytest.raises(ValueError, match=r"^swap_convs: 1\.0 is a Standardised, a subclass of "
+                                         r"nn\.Conv2d with a forward of its own"):
+        swap_convs(net)
+    assert type(net[0]) is nn.Conv2d       # nothing swapped
 
 
 def _refuse(*args, **kwargs):

@@ -117,6 +117,7 @@ def resume_ends_equal(run, straight, message):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow    # over 10 s on 2 cores: ./test.sh -m slow
 def test_a_killed_rank_ends_the_job_and_the_run_resumes_under_torchrun(straight_run, tmp_path):
     args, _, straight, _ = straight_run
     run = tmp_path / "run"
@@ -132,6 +133,7 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_under_torchrun(straight_
     resume_ends_equal(run, straight, f"resuming {run} after epoch 1")
 
 
+@pytest.mark.slow    # over 10 s on 2 cores: ./test.sh -m slow
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(straight_run, tmp_path):
     args, _, straight, _ = straight_run
     run = tmp_path / "run"

@@ -80,6 +80,7 @@ def test_a_training_row_reports_mean_and_std_over_runs(tmp_path, cifar10_dir):
     assert all(r["epochs"] == 1 and r["train_seconds"] > 0 for r in runs)
 
 
+@pytest.mark.slow    # over 10 s on 2 cores: ./test.sh -m slow
 def test_a_conv_row_is_the_benchmarks_geomeans(tmp_path):
     size = {"models": "seed", "repeats": 1, "warmup": 1, "epoch_images": 0,
             "step_models": "seed", "step_batch": 2}

@@ -246,6 +246,7 @@ def test_cifar100_trains_end_to_end(cifar100_dir, tmp_path):
     assert weights["state_dict"]["fc3.weight"].shape == (100, 256)
 
 
+@pytest.mark.slow    # over 10 s each on 2 cores: ./test.sh -m slow
 @pytest.mark.parametrize("preset, head", [("resnet18", "fc.weight"),
                                           ("fast96", "head.weight")])
 def test_cifar100_presets_take_a_step_and_report_per_class(preset, head, tmp_path):

@@ -12,6 +12,17 @@ from .plans import plan_for
 from .regions import conv_regions, conv_source, grad_weight_regions
 
 
+def nchw_over(rows, shape):
+    """The (N, C, H, W) channels-last tensor whose memory is `rows` ((N*H*W, C), or any
+    contiguous tensor in that order), without a copy, and not as a view of it: a custom
+    Function's output that is a view cannot be changed in place, and an in-place op after a
+    conv (nn.ReLU(inplace=True): AlexNet, VGG, EfficientNet) is common."""
+    n, c, h, w = shape
+    rows = rows.contiguous()
+    return rows.new_empty(0).set_(rows.untyped_storage(), rows.storage_offset(), shape,
+                                  (h * w * c, 1, w * c, c))
+
+
 class UnfoldMatmulConv(torch.autograd.Function):
     """y = im2col(x) @ W^T + b, with the backward written out rather than traced.
 
@@ -39,7 +50,7 @@ class UnfoldMatmulConv(torch.autograd.Function):
         ctx.groups, ctx.out_hw, ctx.has_bias = groups, (ho, wo), bias is not None
         ctx.plan = plan
         ctx.before, ctx.regions = before, regions     # what the forward read, and how
-        return out.view(n, ho, wo, out_c).permute(0, 3, 1, 2)              # NCHW, channels-last
+        return nchw_over(out, (n, out_c, ho, wo))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -112,7 +123,7 @@ class DepthwiseConv(torch.autograd.Function):
         ctx.save_for_backward(xp, weight)
         ctx.x_shape, ctx.stride, ctx.pads, ctx.dilation = x.shape, stride, pads, dilation
         ctx.out_hw, ctx.has_bias = out_hw, bias is not None
-        return out.to(x.dtype).permute(0, 3, 1, 2)                           # channels-last
+        return nchw_over(out.to(x.dtype), out.shape[:1] + out.shape[3:] + out.shape[1:3])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -146,11 +157,16 @@ def conv2d_unfold(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     if isinstance(padding, int) or len(padding) == 2:
         ph, pw = _pair(padding)
         padding = (pw, pw, ph, ph)
+    if x.dim() == 3:          # one image (C, H, W), as F.conv2d takes it
+        return conv2d_unfold(x.unsqueeze(0), weight, bias, stride, padding, dilation,
+                             groups).squeeze(0)
+    # RuntimeError, as F.conv2d raises for these.
     if x.dim() != 4:
-        raise ValueError(f"Conv2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+        raise RuntimeError(f"Conv2d expects a 3-D (C, H, W) or 4-D (N, C, H, W) input, got "
+                           f"shape {tuple(x.shape)}")
     if x.shape[1] != weight.shape[1] * groups:
-        raise ValueError(f"Conv2d expects {weight.shape[1] * groups} input channels, "
-                         f"got {x.shape[1]}")
+        raise RuntimeError(f"Conv2d expects {weight.shape[1] * groups} input channels, "
+                           f"got {x.shape[1]}")
     # Under autocast the matmuls run in the autocast dtype, as cuDNN's and oneDNN's convolutions
     # would; float64, which autocast leaves alone, stays float64.
     device_type = x.device.type

@@ -191,11 +191,12 @@ def fold_columns(go, w_rows, padded_shape, kernel_size, stride, dilation, out_hw
 
 
 def output_hw(x_shape, kernel_size, stride, pads, dilation):
-    """(Ho, Wo) of a conv; a ValueError if the dilated kernel does not fit the padded input."""
+    """(Ho, Wo) of a conv; a RuntimeError (as F.conv2d's) if the dilated kernel does not fit
+    the padded input."""
     (h, w), (kh, kw), (left, right, top, bottom) = x_shape[2:], kernel_size, pads
     ho = (h + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     if ho < 1 or wo < 1:
-        raise ValueError(f"Conv2d: kernel {(kh, kw)} with dilation {tuple(dilation)} is "
+        raise RuntimeError(f"Conv2d: kernel {(kh, kw)} with dilation {tuple(dilation)} is "
                          f"larger than the padded input {(h + top + bottom, w + left + right)}")
     return ho, wo

@@ -4,19 +4,30 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from .functions import conv2d_unfold, conv2d_unfold_autograd
 
 
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
 class Conv2d(nn.Module):
-    """`torch.nn.Conv2d` re-implemented with unfold + matmul (zero padding only)."""
+    """`torch.nn.Conv2d` re-implemented with unfold + matmul: the same arguments, the same
+    parameters (and initial values for the same seed), the same results. A padding_mode
+    other than 'zeros' pads with F.pad first (what nn.Conv2d does too); unbatched (C, H, W)
+    input is taken as a batch of one."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, device=None, dtype=None):
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None):
         super().__init__()
         if in_channels % groups or out_channels % groups:
             raise ValueError("in_channels and out_channels must be divisible by groups")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got "
+                             f"{padding_mode!r}")
+        self.padding_mode = padding_mode
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.dilation = _pair(dilation)
@@ -58,10 +69,14 @@ class Conv2d(nn.Module):
         return (pw, pw, ph, ph)
 
     def forward(self, x):
+        pads = self.pads
+        if self.padding_mode != "zeros":
+            x = F.pad(x, pads, mode=self.padding_mode)
+            pads = (0, 0, 0, 0)
         if torch.jit.is_scripting():
-            return conv2d_unfold_autograd(x, self.weight, self.bias, self.stride, self.pads,
+            return conv2d_unfold_autograd(x, self.weight, self.bias, self.stride, pads,
                                           self.dilation, self.groups)
-        return conv2d_unfold(x, self.weight, self.bias, self.stride, self.pads, self.dilation,
+        return conv2d_unfold(x, self.weight, self.bias, self.stride, pads, self.dilation,
                              self.groups)
 
     def extra_repr(self):
@@ -71,6 +86,8 @@ class Conv2d(nn.Module):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
             s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
         return s + ("" if self.bias is not None else ", bias=False")
 
 
@@ -102,15 +119,22 @@ class Conv2dTFSame(Conv2d):
 
 def swap_convs(model):
     """Replace (in place) every nn.Conv2d by the hand-written Conv2d with the same
-    parameters (the very tensors: the state dict and any optimiser are unchanged)."""
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Conv2d) or module.padding_mode != "zeros":
-            continue
+    parameters (the very tensors: the state dict and any optimiser are unchanged). A
+    subclass of nn.Conv2d with a forward of its own (a weight-standardised conv, say) would
+    lose it: a ValueError naming the first such module, before anything is swapped."""
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    for name, module in convs:
+        if type(module) is not nn.Conv2d and type(module).__name__ != "Conv2dSame":
+            raise ValueError(f"swap_convs: {name or 'the model'} is a "
+                             f"{type(module).__name__}, a subclass of nn.Conv2d with a forward "
+                             f"of its own, which the hand-written Conv2d would not run")
+    for name, module in convs:
         tf_same = type(module).__name__ == "Conv2dSame"       # timm: pads at run time
         hand = (Conv2dTFSame if tf_same else Conv2d)(
             module.in_channels, module.out_channels, module.kernel_size, module.stride,
             0 if tf_same else module.padding, module.dilation, module.groups,
-            bias=module.bias is not None, device=module.weight.device)
+            bias=module.bias is not None, padding_mode=module.padding_mode,
+            device=module.weight.device)
         hand.weight = module.weight
         hand.bias = module.bias
         replace_module(model, name, hand)
