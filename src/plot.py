@@ -47,8 +47,12 @@ def held_out(scalars):
 
 
 def step_epochs(scalars):
-    """The per-step scalars' x in epochs: steps / the run card's steps per epoch."""
-    per_epoch = scalars.get("steps per epoch", 1)
+    """The per-step scalars' x in epochs: steps / the run card's steps per epoch (a card
+    without them: the last step over the last whole epoch, right for a run that ended)."""
+    per_epoch = scalars.get("steps per epoch")
+    if per_epoch is None:
+        steps, epochs = scalars.get("step/loss", []), scalars["train/loss"]
+        per_epoch = max(1, round(steps[-1][0] / epochs[-1][0])) if steps else 1
     return lambda step: step / per_epoch
 
 
@@ -102,14 +106,15 @@ def loss_lr_figure(scalars, title, out):
     if split and f"{split}/loss" in scalars:
         loss_ax.plot(*zip(*scalars[f"{split}/loss"]), color="tab:blue", marker="o",
                      markersize=3, label=label)
-    loss_ax.set(ylabel="cross-entropy loss", title=f"{title}: loss")
+    loss_ax.set(ylabel="cross-entropy loss", title="loss")
     loss_ax.legend(loc="best")
     lr = scalars.get("step/lr") or scalars.get("lr", [])
     lr_x = [to_epochs(s) for s, _ in lr] if "step/lr" in scalars else [s for s, _ in lr]
     lr_ax.plot(lr_x, [v for _, v in lr], color="tab:green")
-    lr_ax.set(ylabel="learning rate", title=f"{title}: learning rate")
+    lr_ax.set(ylabel="learning rate", title="learning rate")
     for ax in (loss_ax, lr_ax):
         integer_epochs(ax)
+    fig.suptitle(title)
     save(fig, out)
 
 
