@@ -331,7 +331,7 @@ def next_row(job, cal, ctx, deadline, clock, time_network=None):
         size, estimate, fits = choose(job, cal, deadline - clock())
     row = row_of(job, size, estimate, cal, ctx)
     if not fits:
-        return {**row, "status": "skipped", "note": f"needs about {estimate:,.0f} s here "
+        return {**row, "status": "skipped", "note": f"needs about {row['estimate']:,.0f} s here "
                 f"(estimated from {row['estimate_from']}), {max(deadline - clock(), 0):.0f} s "
                 f"left"}
     return {**row, **run_job(job, size, estimate, ctx, deadline, clock)}
