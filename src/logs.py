@@ -117,10 +117,16 @@ def write_hparams(writer, args, metrics):
         writer.add_scalar(tag, value, args.epochs)
 
 
-def confusion_figure(confusion, classes, title):
+def pyplot():
+    """matplotlib's pyplot drawing off-screen (imported only when a run ends: it is slow)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def confusion_figure(confusion, classes, title):
+    plt = pyplot()
     share = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
     fig, ax = plt.subplots(figsize=(6.4, 5.6), dpi=110)
     ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
@@ -139,9 +145,7 @@ def confusion_figure(confusion, classes, title):
 def misclassified_figure(images, labels, predictions, classes, count=32):
     """The first `count` misclassified images (uint8, N x 3 x H x W), each titled
     "true -> predicted"."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     wrong = (labels != predictions).nonzero().flatten()[:count].cpu()
     cols = 8
     rows = max(1, math.ceil(len(wrong) / cols))

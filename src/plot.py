@@ -124,7 +124,7 @@ def comparison_figure(runs, out):
     plt = pyplot()
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
     for name, scalars in runs:
-        split, _, curve = held_out(scalars)
+        _, _, curve = held_out(scalars)
         final = scalars.get("test/accuracy_tta", scalars.get("test/accuracy", [(0, None)]))[-1][1]
         label = name + (f" ({final:.2%})" if final is not None else "")
         line = acc_ax.plot(*zip(*(curve or scalars["train/accuracy"])), marker="o",

@@ -123,7 +123,8 @@ class DepthwiseConv(torch.autograd.Function):
         ctx.save_for_backward(xp, weight)
         ctx.x_shape, ctx.stride, ctx.pads, ctx.dilation = x.shape, stride, pads, dilation
         ctx.out_hw, ctx.has_bias = out_hw, bias is not None
-        return nchw_over(out.to(x.dtype), out.shape[:1] + out.shape[3:] + out.shape[1:3])
+        n, ho, wo, c = out.shape
+        return nchw_over(out.to(x.dtype), (n, c, ho, wo))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
