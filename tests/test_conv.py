@@ -257,6 +257,47 @@ def test_an_inplace_op_after_the_conv_gives_nn_conv2d_outputs_and_gradients(cin,
         assert torch.allclose(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
+def small_net(conv):
+    """Two convs, each followed by an in-place ReLU, then a linear head: float64."""
+    torch.manual_seed(5)
+    return nn.Sequential(conv(3, 8, 3, padding=1), nn.ReLU(inplace=True),
+                         conv(8, 4, 3, stride=2, padding_mode="zeros"), nn.ReLU(inplace=True),
+                         nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
+
+
+def test_torch_compile_trains_with_the_hand_written_conv_as_eager_native_does():
+    """torch.compile of a network of hand-written convs, each followed by an in-place ReLU:
+    outputs, the input's and every parameter's gradients equal the native network's in eager
+    mode (float64, 1e-12), and the compiled network runs no native convolution."""
+    native, hand = small_net(nn.Conv2d), small_net(Conv2d)
+    hand.load_state_dict(native.state_dict())
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    compiled = torch.compile(hand)
+    results = []
+    for net in (native, compiled):
+        xi = x.clone().requires_grad_()
+        ops = cpu_ops(lambda: net(xi).pow(2).sum().backward())
+        results.append([net(xi).detach(), xi.grad] + [p.grad for p in net.parameters()])
+    assert not [op for op in ops if "conv" in op and op.startswith(("aten::", "mkldnn"))]
+    for ours, theirs in zip(results[1], results[0]):
+        assert torch.allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_export_of_a_hand_written_network_gives_its_eager_outputs():
+    """torch.export.export of fast94 (its batch norms in eval mode): the exported program's
+    outputs equal eager's to float32 rounding, and its graph holds unfold (aten.im2col) and
+    matmul, no convolution op."""
+    torch.manual_seed(0)
+    model = build_model("fast94", 10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    program = torch.export.export(model, (x,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert {"aten.im2col.default", "aten.matmul.default"} <= targets
+    assert not [t for t in targets if "conv" in t]
+    with torch.no_grad():     # float32 sums in another order than eager's
+        assert rel_err(program.module()(x), model(x)) < 1e-5
+
+
 def test_a_double_backward_is_refused_in_one_line_when_it_is_asked_for():
     """The backward is written out (chunks, regions, sums in place) and not itself
     differentiable: create_graph=True works, differentiating its result raises (see

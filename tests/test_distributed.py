@@ -85,6 +85,7 @@ def straight_run(tmp_path_factory):
     return args, result, root / "run", data
 
 
+@pytest.mark.slow    # 15 s on 2 cores (the 2-process run it reads): ./test.sh -m slow
 def test_two_processes_write_one_set_of_logs_checkpoint_and_weights(straight_run):
     _, result, out, data = straight_run
     assert result.stdout.count("done: ") == 1 and " on cpu x 2 processes " in result.stdout

@@ -114,6 +114,7 @@ def test_bf16_training_run_and_its_weights(tmp_path):
     assert abs(accuracies["fp32"] - accuracies["bf16"]) <= 2 / 30 + 1e-9
 
 
+@pytest.mark.slow    # 11 s on 2 cores (test_tools times the fp32 tables): ./test.sh -m slow
 def test_conv_benchmark_in_bf16_compares_with_the_channels_last_native_net():
     result = run_main("benchmark.py", "--conv", "--device", "cpu", "--models", "seed",
                       "--batch-size", "2", "--warmup", "1", "--repeats", "1",

@@ -55,6 +55,7 @@ def test_a_job_past_the_budget_is_stopped_and_the_next_one_skipped(tmp_path, cif
     assert written[-1] == rows and len(written) == 2     # the files after each job
 
 
+@pytest.mark.slow    # 10 s on 2 cores: ./test.sh -m slow
 def test_reproduce_measures_skips_fails_and_writes_both_files(tmp_path, cifar10_dir):
     out = tmp_path / "results"
     names = "seed,timing,weights-seed"

@@ -12,15 +12,14 @@ from .plans import plan_for
 from .regions import conv_regions, conv_source, grad_weight_regions
 
 
-def nchw_over(rows, shape):
-    """The (N, C, H, W) channels-last tensor whose memory is `rows` ((N*H*W, C), or any
-    contiguous tensor in that order), without a copy, and not as a view of it: a custom
+def channels_last_output(like, shape):
+    """An empty (N, C, H, W) output in channels-last memory, and its (N*H*W, C) rows, which the
+    products write into. The output itself is returned, not a view of the rows: a custom
     Function's output that is a view cannot be changed in place, and an in-place op after a
     conv (nn.ReLU(inplace=True): AlexNet, VGG, EfficientNet) is common."""
-    n, c, h, w = shape
-    rows = rows.contiguous()
-    return rows.new_empty(0).set_(rows.untyped_storage(), rows.storage_offset(), shape,
-                                  (h * w * c, 1, w * c, c))
+    out = torch.empty(shape, dtype=like.dtype, device=like.device,
+                      memory_format=torch.channels_last)
+    return out, out.permute(0, 2, 3, 1).view(-1, shape[1])
 
 
 class UnfoldMatmulConv(torch.autograd.Function):
@@ -43,14 +42,15 @@ class UnfoldMatmulConv(torch.autograd.Function):
         ho, wo = output_hw(x.shape, (kh, kw), stride, pads, dilation)
         src, before, regions = conv_source(x, pads, (kh, kw), stride, dilation, (ho, wo),
                                            plan.split)
-        out = conv_regions(src, before, regions, weight_taps(weight, groups), bias, stride,
-                            dilation, (ho, wo), plan)
+        out, rows = channels_last_output(x, (n, out_c, ho, wo))
+        conv_regions(src, before, regions, weight_taps(weight, groups), bias, stride, dilation,
+                     (ho, wo), plan, rows)
         ctx.save_for_backward(src, weight)
         ctx.x_shape, ctx.stride, ctx.pads, ctx.dilation = x.shape, stride, pads, dilation
         ctx.groups, ctx.out_hw, ctx.has_bias = groups, (ho, wo), bias is not None
         ctx.plan = plan
         ctx.before, ctx.regions = before, regions     # what the forward read, and how
-        return nchw_over(out, (n, out_c, ho, wo))
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -112,19 +112,26 @@ class DepthwiseConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, pads, dilation, out_hw):
         xp = pad_channels_last(x, pads).permute(0, 2, 3, 1)                # (N, Hp, Wp, C)
         taps = weight[:, 0]                                                  # (C, kh, kw)
-        out = None
+        (n, c), (ho, wo) = x.shape[:2], out_hw
+        out, rows = channels_last_output(x, (n, c, ho, wo))
+        # The taps add up in `accumulator`'s dtype: in the output itself unless that is bf16.
+        acc = rows.view(n, ho, wo, c)
+        acc = acc if acc.dtype == accumulator(x.dtype) else acc.new_empty(
+            acc.shape, dtype=accumulator(x.dtype))
         for p, q, view in tap_views(xp, weight.shape[2:], stride, dilation, out_hw):
-            if out is None:      # the first tap writes the sum, in `accumulator`'s dtype
-                first = view * taps[:, p, q] if bias is None else torch.addcmul(bias, view,
-                                                                                taps[:, p, q])
-                out = first.to(accumulator(x.dtype))
+            if p == q == 0:      # the first tap writes the sum
+                if bias is None:
+                    torch.mul(view, taps[:, p, q], out=acc)
+                else:
+                    torch.addcmul(bias, view, taps[:, p, q], out=acc)
             else:
-                out.addcmul_(view, taps[:, p, q])
+                acc.addcmul_(view, taps[:, p, q])
+        if acc.dtype != out.dtype:
+            rows.view(n, ho, wo, c).copy_(acc)
         ctx.save_for_backward(xp, weight)
         ctx.x_shape, ctx.stride, ctx.pads, ctx.dilation = x.shape, stride, pads, dilation
         ctx.out_hw, ctx.has_bias = out_hw, bias is not None
-        n, ho, wo, c = out.shape
-        return nchw_over(out.to(x.dtype), (n, c, ho, wo))
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -182,7 +189,12 @@ def conv2d_unfold(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
 
 def _apply_conv(x, weight, bias, stride, pads, dilation, groups):
     """The formulation for this shape: elementwise taps for depthwise convs, im2col + matmul
-    for everything else, in the variant `plan_for` picks."""
+    for everything else, in the variant `plan_for` picks. Under torch.compile and torch.export:
+    unfold + matmul with autograd deriving the backward (`conv2d_unfold_autograd`), since
+    Dynamo cannot trace the Functions' Python-side planning (chunks, regions, measuring) and
+    would fall back to eager around every conv."""
+    if torch.compiler.is_compiling():
+        return conv2d_unfold_autograd(x, weight, bias, stride, pads, dilation, groups)
     if groups == x.shape[1] == weight.shape[0] > 1:       # one filter per channel
         out_hw = output_hw(x.shape, weight.shape[2:], stride, pads, dilation)
         return DepthwiseConv.apply(x, weight, bias, stride, pads, dilation, out_hw)

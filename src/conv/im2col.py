@@ -129,15 +129,17 @@ def column_chunks(xp, kernel_size, stride, dilation, groups, out_hw, chunk_mib):
             ).transpose(0, 1)
 
 
-def unfold_matmul(xp, w_t, bias, out_hw, kernel_size, stride, dilation, groups, plan):
+def unfold_matmul(xp, w_t, bias, out_hw, kernel_size, stride, dilation, groups, plan, out=None):
     """Correlate a padded input (any view, any layout) with a weight given as matrices.
 
     xp: (N, C, Hp, Wp); w_t: (G, O/G, kh*kw*C/G) with columns ordered (kh, kw, C/G); bias (O,).
-    Returns the output as rows (N*Ho*Wo, O), rows ordered (n, ho, wo). The im2col matrix is built
-    a chunk of images at a time (`images_per_chunk`, at most plan.chunk_mib), so it never
-    dominates memory; plan.onednn picks the matmul op (`matmul_nt`)."""
+    Returns the output as rows (N*Ho*Wo, O), rows ordered (n, ho, wo), written into `out` where
+    given (such rows, contiguous). The im2col matrix is built a chunk of images at a time
+    (`images_per_chunk`, at most plan.chunk_mib), so it never dominates memory; plan.onednn
+    picks the matmul op (`matmul_nt`)."""
     ho, wo = out_hw
-    out = xp.new_empty((xp.shape[0] * ho * wo, w_t.shape[0] * w_t.shape[1]))
+    if out is None:
+        out = xp.new_empty((xp.shape[0] * ho * wo, w_t.shape[0] * w_t.shape[1]))
     for start, cols in column_chunks(xp, kernel_size, stride, dilation, groups, out_hw,
                                      plan.chunk_mib):
         rows = out[start:start + cols.shape[1]]

@@ -96,24 +96,25 @@ def conv_source(x, pads, kernel_size, stride, dilation, out_hw, split=None):
     return xp, (0, 0), [Region(0, ho, 0, kh, 0, wo, 0, kw)]     # every position reads every tap
 
 
-def conv_regions(src, before, regions, w_taps, bias, stride, dilation, out_hw, plan):
+def conv_regions(src, before, regions, w_taps, bias, stride, dilation, out_hw, plan, out=None):
     """The conv of `src` (padding `before` still to apply) as output rows (N*Ho*Wo, O), one
-    unfold + matmul per region. w_taps: the weight as (G, O/G, kh, kw, C/G), `weight_taps`;
-    each region's taps are copied into contiguous filter rows once, for the matmul op
-    (`matmul_nt`)."""
+    unfold + matmul per region, written into `out` (such rows) where given. w_taps: the weight
+    as (G, O/G, kh, kw, C/G), `weight_taps`; each region's taps are copied into contiguous
+    filter rows once, for the matmul op (`matmul_nt`)."""
     groups, og = w_taps.shape[:2]
     n, (ho, wo) = src.shape[0], out_hw
 
-    def rows_of(region):
+    def rows_of(region, rows=None):
         i0, i1, p0, p1, j0, j1, q0, q1 = region
         w_rows = w_taps[:, :, p0:p1, q0:q1].reshape(groups, og, -1).contiguous()
         return unfold_matmul(region_input(src, region, before, stride, dilation), w_rows, bias,
                              (i1 - i0, j1 - j0), (p1 - p0, q1 - q0), stride, dilation, groups,
-                             plan)
+                             plan, rows)
 
     if len(regions) == 1 and reads_input(regions[0]):   # the rows are the output already
-        return rows_of(regions[0])
-    out = src.new_empty((n, ho, wo, groups * og))
+        return rows_of(regions[0], out)
+    out = (src.new_empty((n * ho * wo, groups * og)) if out is None else out).view(
+        n, ho, wo, groups * og)
     for region in regions:
         target = out[:, region.i0:region.i1, region.j0:region.j1]
         if reads_input(region):
