@@ -266,9 +266,10 @@ def small_net(conv):
 
 
 def test_torch_compile_trains_with_the_hand_written_conv_as_eager_native_does():
-    """torch.compile of a network of hand-written convs, each followed by an in-place ReLU:
-    outputs, the input's and every parameter's gradients equal the native network's in eager
-    mode (float64, 1e-12), and the compiled network runs no native convolution."""
+    """torch.compile of a network of hand-written convs, each followed by an in-place ReLU (the
+    convs run eagerly, the rest compiled): outputs, the input's and every parameter's gradients
+    equal the native network's in eager mode (float64, 1e-12), and the compiled network runs
+    no native convolution."""
     native, hand = small_net(nn.Conv2d), small_net(Conv2d)
     hand.load_state_dict(native.state_dict())
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)

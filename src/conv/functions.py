@@ -189,12 +189,19 @@ def conv2d_unfold(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
 
 def _apply_conv(x, weight, bias, stride, pads, dilation, groups):
     """The formulation for this shape: elementwise taps for depthwise convs, im2col + matmul
-    for everything else, in the variant `plan_for` picks. Under torch.compile and torch.export:
-    unfold + matmul with autograd deriving the backward (`conv2d_unfold_autograd`), since
+    for everything else, in the variant `plan_for` picks.
+
+    torch.compile runs it eagerly, compiling what comes before and after (`_eager_conv`):
     Dynamo cannot trace the Functions' Python-side planning (chunks, regions, measuring) and
-    would fall back to eager around every conv."""
-    if torch.compiler.is_compiling():
+    would recompile it region by region. torch.export, which needs one graph, gets unfold +
+    matmul with autograd deriving the backward (`conv2d_unfold_autograd`)."""
+    if torch.compiler.is_exporting():
         return conv2d_unfold_autograd(x, weight, bias, stride, pads, dilation, groups)
+    return _eager_conv(x, weight, bias, stride, pads, dilation, groups)
+
+
+@torch.compiler.disable
+def _eager_conv(x, weight, bias, stride, pads, dilation, groups):
     if groups == x.shape[1] == weight.shape[0] > 1:       # one filter per channel
         out_hw = output_hw(x.shape, weight.shape[2:], stride, pads, dilation)
         return DepthwiseConv.apply(x, weight, bias, stride, pads, dilation, out_hw)
