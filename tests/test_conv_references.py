@@ -70,7 +70,7 @@ def input_size(name):
         else 64
 
 
-@pytest.mark.slow       # 80 networks in float64, some at 224 px: about 50 min on 2 cores
+@pytest.mark.slow       # 80 networks in float64, some at 224 px: over an hour on 2 cores
 @pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
 def test_every_torchvision_classifier_runs_the_hand_written_conv_as_its_own(name):
     """Randomly initialised, float64, eval mode (no dropout or batch statistics), at the
@@ -79,8 +79,8 @@ def test_every_torchvision_classifier_runs_the_hand_written_conv_as_its_own(name
 
     One network, swapped in place after its own run (swap_convs keeps the very parameter
     tensors; zero_grad leaves the first run's gradients to the list that holds them): no
-    second copy of the model, so vit_h_14 and regnet_y_128gf (630M parameters, 5 GB in float64,
-    and as much for each run's gradients) fit in 24 GiB."""
+    second copy of the model, so the largest, vit_h_14 and regnet_y_128gf (630M parameters,
+    5 GB in float64 and as much for each run's gradients), need about 15 GB, not 20."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, num_classes=10).double().eval()
     size = input_size(name)

@@ -234,7 +234,7 @@ def test_corrupt_checkpoint_is_one_line(tmp_path):
     assert len(result.stderr.splitlines()) == 1
 
 
-@pytest.mark.slow    # 11 s on 2 cores (CIFAR-100's loading is tested in test_data): ./test.sh -m slow
+@pytest.mark.slow    # 11 s on 2 cores (test_data reads CIFAR-100): ./test.sh -m slow
 def test_cifar100_trains_end_to_end(cifar100_dir, tmp_path):
     out = tmp_path / "run100"
     result = run_main("train.py", "--dataset", "cifar100", "--epochs", "1", "--val-size", "100",
