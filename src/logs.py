@@ -27,6 +27,7 @@ import subprocess
 import torch
 
 from evaluate import confusion_matrix
+from plot import pyplot
 
 FORWARD_SHARE = 1 / 3        # a forward pass costs about a third of a training step per image
 HELD_OUT_BUDGET = 0.05       # the test-set curve may cost this share of the training time
@@ -115,14 +116,6 @@ def write_hparams(writer, args, metrics):
         writer._get_file_writer().add_summary(summary)
     for tag, value in metric_tags.items():
         writer.add_scalar(tag, value, args.epochs)
-
-
-def pyplot():
-    """matplotlib's pyplot drawing off-screen (imported only when a run ends: it is slow)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def confusion_figure(confusion, classes, title):

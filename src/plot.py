@@ -57,6 +57,7 @@ def step_epochs(scalars):
 
 
 def pyplot():
+    """matplotlib's pyplot drawing off-screen (imported when first drawn: it is slow)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -115,9 +115,9 @@ class DepthwiseConv(torch.autograd.Function):
         (n, c), (ho, wo) = x.shape[:2], out_hw
         out, rows = channels_last_output(x, (n, c, ho, wo))
         # The taps add up in `accumulator`'s dtype: in the output itself unless that is bf16.
-        acc = rows.view(n, ho, wo, c)
-        acc = acc if acc.dtype == accumulator(x.dtype) else acc.new_empty(
-            acc.shape, dtype=accumulator(x.dtype))
+        out_map = rows.view(n, ho, wo, c)
+        acc = out_map if out_map.dtype == accumulator(x.dtype) else torch.empty_like(
+            out_map, dtype=accumulator(x.dtype))
         for p, q, view in tap_views(xp, weight.shape[2:], stride, dilation, out_hw):
             if p == q == 0:      # the first tap writes the sum
                 if bias is None:
@@ -126,8 +126,8 @@ class DepthwiseConv(torch.autograd.Function):
                     torch.addcmul(bias, view, taps[:, p, q], out=acc)
             else:
                 acc.addcmul_(view, taps[:, p, q])
-        if acc.dtype != out.dtype:
-            rows.view(n, ho, wo, c).copy_(acc)
+        if acc is not out_map:
+            out_map.copy_(acc)
         ctx.save_for_backward(xp, weight)
         ctx.x_shape, ctx.stride, ctx.pads, ctx.dilation = x.shape, stride, pads, dilation
         ctx.out_hw, ctx.has_bias = out_hw, bias is not None

@@ -91,11 +91,10 @@ def matmul_nt(a, b_t, bias=None, onednn=True):
     channels_last weight) took 1,000x longer on an AMD EPYC (Zen 5). So it gets contiguous
     operands or none: the conv's callers make them so once per call (a test checks every
     call), and anything else goes to torch.addmm, which takes any row or column stride. So does
-    everything while being traced (torch.jit.trace cannot record the op's arguments;
-    torch.compile lowers it only for constant weights and picks its own matmul anyway)."""
+    everything while torch.jit.trace traces (it cannot record the op's arguments); torch.compile
+    and torch.export never get here (`functions._apply_conv`)."""
     if (onednn and a.device.type == "cpu" and a.is_contiguous() and b_t.is_contiguous()
-            and onednn_matmul_available(a.dtype)
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
+            and onednn_matmul_available(a.dtype) and not torch.jit.is_tracing()):
         return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
     return torch.mm(a, b_t.t()) if bias is None else torch.addmm(bias, a, b_t.t())
 
@@ -200,5 +199,5 @@ def output_hw(x_shape, kernel_size, stride, pads, dilation):
     wo = (w + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     if ho < 1 or wo < 1:
         raise RuntimeError(f"Conv2d: kernel {(kh, kw)} with dilation {tuple(dilation)} is "
-                         f"larger than the padded input {(h + top + bottom, w + left + right)}")
+                           f"larger than the padded input {(h + top + bottom, w + left + right)}")
     return ho, wo

@@ -100,14 +100,14 @@ def use(choices):
 
 def plan_for(x, weight, bias, stride, pads, dilation, groups, conv):
     """The plan for this call of `conv` (UnfoldMatmulConv.apply): the one chosen for its key, or
-    measured now (CPU only, not while tracing or compiling), or the default."""
+    measured now (CPU only, not while torch.jit.trace traces), or the default; torch.compile and
+    torch.export never get here (`functions._apply_conv`)."""
     key = plan_key(x, weight, stride, pads, dilation, groups)
     if key in _CHOSEN:
         return _CHOSEN[key]
     default = default_plan(tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(pads),
                            tuple(dilation), x.dtype, x.device.type)
-    if (x.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or not measuring()):
+    if x.device.type != "cpu" or torch.jit.is_tracing() or not measuring():
         return default
     _CHOSEN[key] = fastest_plan(default, x, weight, bias, stride, pads, dilation, groups, conv)
     return _CHOSEN[key]
