@@ -195,13 +195,17 @@ def test_no_network_is_past_three_times_native_in_either_layout(name):
     (median of 3; Lite0 at 64 px), hand-written in both layouts against nn.Conv2d in
     channels_last, in this process. On an Intel Xeon with AMX, benchmark.py measured 1.4x-2.6x
     at batch 16 (Lite0 at 224 px), and fast96 in channels_last reached 3.0x at batch 8: at
-    small batches the conv's fixed costs weigh most."""
-    steps = network_steps(name, 32, torch.device("cpu"), None, 3, image_size=64)
-    native = steps["native channels_last"]
-    for label, _, _ in STEP_VARIANTS[:2]:
-        assert steps[label] < 3 * native, (
-            f"{name}, {label}: {steps[label] * 1e3:.1f} ms a step against "
-            f"{native * 1e3:.1f} ms native channels_last")
+    small batches the conv's fixed costs weigh most. A step past 3x is measured once more
+    and fails only if it is past 3x again: a cliff (20-39x, docs/conv_performance.md) shows
+    every time, while a shared machine once put Lite0 (about 2x) at 3.003x for one median."""
+    for _ in range(2):
+        steps = network_steps(name, 32, torch.device("cpu"), None, 3, image_size=64)
+        native = steps["native channels_last"]
+        slow = [label for label, _, _ in STEP_VARIANTS[:2] if steps[label] >= 3 * native]
+        if not slow:
+            return
+    assert not slow, "; ".join(f"{name}, {label}: {steps[label] * 1e3:.1f} ms a step against "
+                               f"{native * 1e3:.1f} ms native channels_last" for label in slow)
 
 
 # ----------------------------------------------------------------------------------------------
