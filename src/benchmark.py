@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
-from device import CHOICES as DEVICES, describe, keep_freed_memory, pick_device
-from precision import CHOICES as PRECISIONS, autocast, pick_precision
+from device import (CHOICES as DEVICES, describe, keep_freed_memory, pick_device, stopwatch,
+                    synchronize)
+from precision import CHOICES as PRECISIONS, autocast, pick_precision, true_fp32
 from precision import describe as describe_precision
 from conv import Conv2d, conv2d_unfold_autograd
 from conv.functions import UnfoldMatmulConv
@@ -46,19 +47,10 @@ from pretrained import BACKBONES, load_backbone
 from presets import PRESETS
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "xpu":
-        torch.xpu.synchronize()
-
-
 def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
+    clock = stopwatch(device)
     fn()
-    sync(device)
-    return time.perf_counter() - start
+    return clock()
 
 
 def median_seconds(fn, device, warmup, repeats):
@@ -236,16 +228,18 @@ def conv_layers(model_name, batch_size, image_size=None):
 def peak_bytes(fn, device):
     """Peak memory that `fn` adds over what is allocated before it runs.
 
-    CUDA: the caching allocator's own peak counter. CPU (Linux): the process's resident-set
-    high-water mark, reset through /proc/self/clear_refs; it tracks tensors exactly only in a
-    process started with a fixed glibc mmap threshold (see cpu_peak_bytes). None elsewhere."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    CUDA and XPU: the caching allocator's own peak counter. CPU (Linux): the process's
+    resident-set high-water mark, reset through /proc/self/clear_refs; it tracks tensors
+    exactly only in a process started with a fixed glibc mmap threshold (see cpu_peak_bytes).
+    None elsewhere."""
+    if device.type in ("cuda", "xpu"):
+        backend = getattr(torch, device.type)
+        synchronize(device)
+        base = backend.memory_allocated(device)
+        backend.reset_peak_memory_stats(device)
         fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        synchronize(device)
+        return backend.max_memory_allocated(device) - base
     if device.type != "cpu" or not os.path.exists("/proc/self/clear_refs"):
         return None
 
@@ -496,8 +490,10 @@ def step_table(args, device, precisions):
 def conv_benchmark(args, device, dtype, why):
     names = sorted(MODELS) if args.models == "all" else args.models.split(",")
     mode = "bf16 autocast, channels_last" if dtype is not None else "float32"
+    tf32 = true_fp32(device)        # every float32 row: true float32 on both sides
     print(f"Hand-written Conv2d ({args.hand_variant}) vs native, {describe(device)}, {mode} "
-          f"({describe_precision(dtype, why)}), torch {torch.__version__}, "
+          f"({describe_precision(dtype, why)}{'; float32 rows: ' + tf32 if tf32 else ''}), "
+          f"torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; median of {args.repeats} after {args.warmup} "
           f"warm-up\n")
     infer_ratios, train_ratios = layer_table(args, device, dtype, conv_shapes(

@@ -80,17 +80,40 @@ def lock_run_folder(folder):
 
 
 def rng_states(data_gen):
-    states = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
+    """The CPU's RNG state, the batch-order generator's (on the training device: its state has
+    that device type's format) and every GPU's."""
+    states = {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
+              "data_device": data_gen.device.type}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
-def set_rng_states(states, data_gen):
+def set_rng_states(states, data_gen, reseed):
+    """Restore the states of `rng_states` as far as this machine can; what it could not, in
+    words (empty on the device type the run was saved on). On another device type the
+    batch-order generator is re-seeded with `reseed` (a CPU generator's state is 5,056 bytes,
+    a CUDA one's 16: neither takes the other's); CUDA states for GPUs this machine lacks are
+    dropped."""
+    notes = []
     torch.set_rng_state(states["torch"])
-    data_gen.set_state(states["data"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    saved_on = states.get("data_device", data_gen.device.type)
+    try:
+        if saved_on != data_gen.device.type:
+            raise RuntimeError(saved_on)
+        data_gen.set_state(states["data"])
+    except RuntimeError:                # a file from before data_device: "wrong size"
+        data_gen.manual_seed(reseed)
+        notes.append(f"the batch order's generator (saved on "
+                     f"{states.get('data_device', 'another device type')}) re-seeded")
+    cuda = states.get("cuda", [])
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for i, state in enumerate(cuda[:gpus]):
+        torch.cuda.set_rng_state(state, i)
+    if len(cuda) > gpus:
+        notes.append(f"{len(cuda) - gpus} of its {len(cuda)} CUDA RNG states dropped ({gpus} "
+                     f"GPUs here)")
+    return notes
 
 
 def checkpoint_file(resume):

@@ -136,6 +136,35 @@ def load_cifar(root, dataset="cifar10", download=True):
     return out
 
 
+def write_synthetic_cifar10(root, per_file=40, n_test=30, seed=0):
+    """CIFAR-10's official python layout (data_batch_1..5, test_batch, batches.meta, pickled
+    as the official files are) with random pixels and cycling labels: for checks that need
+    files in that layout but not the dataset. Returns the folder."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, DATASETS["cifar10"]["folder"])
+    os.makedirs(folder, exist_ok=True)
+    names = DATASETS["cifar10"]["train_files"] + DATASETS["cifar10"]["test_files"]
+    for i, name in enumerate(names):
+        n = n_test if name == "test_batch" else per_file
+        write_pickle(os.path.join(folder, name), {
+            b"batch_label": name.encode(), b"labels": [(i + j) % 10 for j in range(n)],
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"filenames": [f"{name}_{j}.png".encode() for j in range(n)]})
+    write_pickle(os.path.join(folder, "batches.meta"), {
+        b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072,
+        b"num_cases_per_batch": per_file})
+    return folder
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck"]
+
+
+def write_pickle(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)  # the protocol of the official files
+
+
 def stratified_split(labels, val_size, seed=0):
     """Indices (train, val): val_size images drawn per class in proportion to its frequency,
     the same for a given seed whatever else the program does."""
@@ -162,15 +191,19 @@ def channel_stats(images):
 
 
 def normalize(images, mean, std):
-    """uint8 (N, 3, H, W) -> float32 normalised, on the images' device."""
+    """uint8 (N, 3, H, W) -> float32 normalised, on the images' device (keep `mean` and `std`
+    there too: a copy from the host every batch waits for a GPU)."""
     mean = mean.to(images.device).view(1, -1, 1, 1)
     std = std.to(images.device).view(1, -1, 1, 1)
     return (images.float().div_(255) - mean) / std
 
 
 def one_hot(labels, num_classes, smoothing=0.0):
-    """Soft targets: 1 - smoothing on the true class plus smoothing spread over all classes."""
-    targets = F.one_hot(labels, num_classes).float()
+    """Soft targets: 1 - smoothing on the true class plus smoothing spread over all classes.
+    A scatter rather than F.one_hot, which reads the labels' range back to the host (a sync
+    on a GPU every step); the labels were checked when they were read (`_read_batch`)."""
+    targets = torch.zeros(len(labels), num_classes, device=labels.device)
+    targets.scatter_(1, labels[:, None], 1.0)
     return targets * (1 - smoothing) + smoothing / num_classes
 
 

@@ -1,5 +1,6 @@
 """Pick the compute device: cuda, then Intel xpu, then Apple mps, then cpu."""
 import ctypes
+import importlib.metadata
 import os
 import platform
 import sys
@@ -95,32 +96,56 @@ def machine(device):
             + (" and ".join(has) if has else "no AMX, no AVX512-BF16"))
 
 
-def optimize_for_device(model, optimizer, device):
-    """On XPU, apply Intel Extension for PyTorch where it is installed (it is end-of-life
-    upstream, so plain torch.xpu is the normal path); elsewhere a no-op."""
+def optimize_for_device(model, optimizers, device):
+    """On XPU, Intel Extension for PyTorch's `ipex.optimize` where a build for this torch is
+    installed (IPEX is end-of-life upstream, so plain torch.xpu is the normal path): (the model
+    it returns, the optimisers, a note or None). It takes one optimiser and returns a copy of
+    the model, so with two (--optimizer muon) it is skipped: the second would go on stepping
+    the old model's filters. Elsewhere the model and optimisers as they are."""
     if device.type != "xpu":
-        return model, optimizer
+        return model, optimizers, None
+    problem = ipex_problem()
+    if problem == "not installed":
+        return model, optimizers, None
+    if problem is None and len(optimizers) > 1:
+        problem = f"it takes one optimiser, this run has {len(optimizers)}"
+    if problem is not None:
+        return model, optimizers, f"intel_extension_for_pytorch not used: {problem}"
+    import intel_extension_for_pytorch as ipex
+    if not optimizers:
+        return ipex.optimize(model), optimizers, None
+    model, optimizer = ipex.optimize(model, optimizer=optimizers[0])
+    return model, [optimizer], None
+
+
+def ipex_problem():
+    """Why IPEX cannot be used here (not installed, or built for another torch: importing such
+    a build ends the process, exit 127, rather than raising), or None. Read from the installed
+    packages' metadata, before anything is imported."""
     try:
-        import intel_extension_for_pytorch as ipex
-    except ImportError:
-        return model, optimizer
-    if optimizer is None:
-        return ipex.optimize(model), None
-    return ipex.optimize(model, optimizer=optimizer)
+        ipex_version = importlib.metadata.version("intel_extension_for_pytorch")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+    if ipex_version.split(".")[:2] != torch.__version__.split(".")[:2]:
+        return (f"version {ipex_version} is built for torch "
+                f"{'.'.join(ipex_version.split('.')[:2])}, this is torch {torch.__version__}")
+    return None
+
+
+def synchronize(device):
+    """Wait until the work queued on `device` has run (cuda, xpu, mps; a no-op on the CPU)."""
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and hasattr(backend, "synchronize"):
+        backend.synchronize()
 
 
 def stopwatch(device):
-    """A function that returns the seconds since this call; on CUDA read from device events,
-    i.e. the GPU's own clock once all work queued so far has run."""
-    if device.type == "cuda":
-        start = torch.cuda.Event(enable_timing=True)
-        start.record()
-
-        def elapsed():
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000
-        return elapsed
+    """A function that returns the seconds since this call, once the work queued on the device
+    by then has run (see `synchronize`): the device's time, not only the host's."""
+    synchronize(device)
     begin = time.perf_counter()
-    return lambda: time.perf_counter() - begin
+
+    def elapsed():
+        synchronize(device)
+        return time.perf_counter() - begin
+    return elapsed

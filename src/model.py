@@ -4,6 +4,8 @@ Every network is reached through `build_model(name, num_classes, conv=...)`; a n
 registers itself in `MODELS` with the `@register` decorator. The seed net (3 conv + pool,
 2 dropout, 3 FC), airbench's fast nets (fast94/95/96) and a CIFAR ResNet-18.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -86,15 +88,19 @@ def whitening_filters(images, kernel_size=2, eps=5e-4):
     The (uncentred) covariance of all patches has eigenvectors v_i and eigenvalues l_i; the
     filters v_i / sqrt(l_i + eps), largest first, make the patch features uncorrelated with
     unit variance (eps caps the gain of near-empty directions). Their negatives follow, so
-    that a GELU after the conv keeps both signs: 2 * C * k^2 filters of shape (C, k, k)."""
+    that a GELU after the conv keeps both signs: 2 * C * k^2 filters of shape (C, k, k),
+    returned on the images' device.
+
+    Computed on the CPU in float64 whatever the images' device: MPS has no float64, nor have
+    some Intel GPUs, and the 12x12 eigendecomposition is nothing to move a GPU for."""
     k, c = kernel_size, images.shape[1]
-    patches = images.unfold(2, k, 1).unfold(3, k, 1)                  # (N, C, H', W', k, k)
+    patches = images.cpu().unfold(2, k, 1).unfold(3, k, 1)           # (N, C, H', W', k, k)
     patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()
     covariance = patches.T @ patches / len(patches)
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)          # ascending
     filters = eigenvectors.T.flip(0) / torch.sqrt(eigenvalues.flip(0) + eps)[:, None]
     filters = filters.reshape(c * k * k, c, k, k).to(images.dtype)
-    return torch.cat([filters, -filters])
+    return torch.cat([filters, -filters]).to(images.device)
 
 
 def frozen_scale_batchnorm(width, momentum):
@@ -162,7 +168,8 @@ class FastNet(nn.Module):
         # The whitening conv stays float32 under bf16 autocast: its filters amplify the weakest
         # patch directions up to 45x, and with them bf16's rounding of the input (2.7 % relative
         # error in its output, which doubled the logits' error on the shipped fast94 weights).
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(
+                x.device.type) else contextlib.nullcontext():     # (meta: no autocast)
             x = F.gelu(self.whiten(x))
         x = self.groups(x)
         x = F.adaptive_max_pool2d(x, 1).flatten(1)

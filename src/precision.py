@@ -63,6 +63,20 @@ def pick_precision(flag, device):
     return None, where
 
 
+def true_fp32(device):
+    """Make float32 mean float32 on CUDA for both convs; the words that say so, or "".
+
+    By default cuDNN computes float32 convolutions in TF32 (a 10-bit mantissa) while cuBLAS,
+    which runs the hand-written conv's matmuls, computes in true float32: a comparison of the
+    two would not be like for like. Both flags are switched off for this process; bf16 runs
+    are untouched."""
+    if device.type != "cuda":
+        return ""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return "TF32 off in cuBLAS and cuDNN"
+
+
 def describe(dtype, reason):
     """The start line's words: "precision: bf16 (AVX512-BF16)"."""
     return f"precision: {'bf16' if dtype == torch.bfloat16 else 'fp32'} ({reason})"

@@ -33,7 +33,8 @@ from evaluate import evaluate
 from model import FastNet, build_model
 from optim import Lookahead, make_optimizers, make_schedulers
 from preemption import Stopped, deferred_stop_signals, stop_requested, stopped
-from precision import autocast as precision_autocast, cpu_bf16_unit, pick_precision
+from precision import (autocast as precision_autocast, cpu_bf16_unit, pick_precision,
+                       true_fp32)
 from precision import describe as describe_precision
 from pretrained import BACKBONES, PretrainedError, load_backbone
 from train_flags import get_args
@@ -119,6 +120,8 @@ def set_up_device(run):
                          f"evenly over {run.world} processes")
     flag = resumed_precision(run)
     run.dtype, run.precision_reason = pick_precision(flag, run.device)
+    if run.dtype is None and true_fp32(run.device):
+        run.precision_reason += f"; {true_fp32(run.device)}"
     if flag != args.precision:      # "--precision bf16; ...: slow" -> "the run's; ...: slow"
         run.precision_reason = run.precision_reason.replace(f"--precision {flag}",
                                                             "the resumed run's")
@@ -160,6 +163,7 @@ def set_up_data(run, resume_file):
     run.mean, run.std = channel_stats(run.data["train_x"][train_idx])
     if args.pretrained:     # the backbone sees inputs normalised as in its ImageNet training
         run.mean, run.std = (torch.tensor(BACKBONES[args.pretrained][k]) for k in ("mean", "std"))
+    run.mean, run.std = run.mean.to(device), run.std.to(device)   # no copy per batch
     # The whole split as one tensor on the device; batches are gathered by index from it.
     run.train_x, run.train_y = (run.data[k][train_idx].to(device) for k in ("train_x", "train_y"))
     run.val_x, run.val_y = (run.data[k][val_idx].to(device) for k in ("train_x", "train_y"))
@@ -212,9 +216,11 @@ def set_up_model(run):
     if isinstance(model, FastNet) and run.ckpt is None:
         model.init_whitening(normalize(run.train_x[:5000], run.mean, run.std))
     run.timed_seconds = timed()
-    optimizers = make_optimizers(model, args)
-    run.model, optimizers[0] = optimize_for_device(model, optimizers[0], device)
-    run.optimizers = optimizers
+    run.model, run.optimizers, note = optimize_for_device(model, make_optimizers(model, args),
+                                                          device)
+    if note:
+        run.log(f"note: {note}")
+    optimizers = run.optimizers
     run.schedulers = make_schedulers(optimizers, run.steps_per_epoch, args)
     run.lookahead = Lookahead(run.model, args.epochs * run.steps_per_epoch) \
         if args.lookahead else None
@@ -235,9 +241,17 @@ def restore(run):
                          f"start a new run")
     for obj, state in zip(run.optimizers + run.schedulers, optimizers + schedulers):
         obj.load_state_dict(state)
-    set_rng_states(ckpt["rng"], run.data_gen)
-    if len(ckpt["rng"].get("torch_ranks", [])) == run.world:
-        torch.set_rng_state(ckpt["rng"]["torch_ranks"][distributed.rank()])
+    notes = set_rng_states(ckpt["rng"], run.data_gen,
+                           reseed=run.args.seed * 1_000_003 + ckpt["epoch"] + 1)
+    ranks = ckpt["rng"].get("torch_ranks", [])
+    if len(ranks) == run.world:
+        torch.set_rng_state(ranks[distributed.rank()])
+    elif ranks:
+        notes.append(f"the dropout generators of {len(ranks)} processes, now {run.world}, "
+                     f"keep their new seeds")
+    if notes:
+        run.log(f"note: resumed on another machine: {'; '.join(notes)}; the run goes on, "
+                f"with other random draws than an uninterrupted one")
     if run.lookahead is not None:
         run.lookahead.load_state_dict(ckpt["lookahead"])
     run.start_epoch = ckpt["epoch"] + 1
@@ -300,6 +314,9 @@ def set_up_step_model(run):
     run.log(f"compiled in {compile_clock():.1f}s (not counted in the times below)")
 
 
+CHECK_IN_EVERY = 20   # steps between the epoch loop's reads from the device (loss, stop flag)
+
+
 def train_epoch(run, epoch):
     """One epoch of steps (from where a stopped run left it); its sums (loss, hits) and the LR
     of its last step. A stop signal ends it early: checkpoint, then `Stopped`."""
@@ -317,17 +334,25 @@ def train_epoch(run, epoch):
                total=n_steps, leave=False, file=sys.stderr, dynamic_ncols=True,
                disable=not run.main)
     for step in bar:
-        idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
-        lr_used, loss, hits = train_step(run, idx, epoch, epoch * n_steps + step + 1)
+        x, y = training_batch(run.train_x, run.train_y,
+                              perm[step * args.batch_size:(step + 1) * args.batch_size],
+                              run.mean, run.std, run.data_gen, epoch, augmentation(args),
+                              run.flip_bits)
+        lr_used, loss, hits = train_step(run.step_model, run.optimizers, run.schedulers, x, y,
+                                         len(run.data["classes"]), args.label_smoothing,
+                                         args.grad_clip, run.autocast)
+        if run.lookahead is not None:
+            run.lookahead.step(epoch * n_steps + step + 1)
         if run.writer is not None:   # held back until a checkpoint covers the step
             run.pending_steps.append((epoch * n_steps + step + 1, loss, lr_used))
         loss_sum += loss
         correct += hits
-        if step % 50 == 49 or step == n_steps - 1:   # one device sync per 50 steps
+        check_in = step % CHECK_IN_EVERY == CHECK_IN_EVERY - 1 or step == n_steps - 1
+        if check_in:                 # the loop's only reads from the device
             running = loss_sum.item() / (step + 1)
             check_finite(run, running, epoch)
             bar.set_postfix(loss=f"{running:.3f}")
-        if step < n_steps - 1 and stop_requested(run.received, run.device):
+        if step < n_steps - 1 and stop_requested(run.received, run.device, check_in):
             bar.close()
             check_finite(run, loss_sum.item() / (step + 1), epoch)
             save_checkpoint(run, epoch - 1, {"steps": step + 1, "perm": perm.cpu(),
@@ -338,39 +363,47 @@ def train_epoch(run, epoch):
     return loss_sum, correct, lr_used
 
 
-def train_step(run, idx, epoch, global_step):
-    """One optimiser step on the images `idx` of the training split; (LR used, loss, hits)."""
-    args = run.args
-    # Every rank augments the whole global batch (the same random draws as one process: cheap
-    # next to the network) and trains on its share of it.
-    flips = None if run.flip_bits is None else run.flip_bits[idx]
-    x = augment(normalize(run.train_x[idx], run.mean, run.std), run.data_gen, args.crop_pad,
-                args.pad_mode, flips, epoch, args.cutout)[distributed.share()]
-    y = run.train_y[idx][distributed.share()]
-    with run.autocast:
-        logits = run.step_model(x)
-    loss = F.cross_entropy(logits.float(),
-                           one_hot(y, len(run.data["classes"]), args.label_smoothing))
-    for opt in run.optimizers:
+def training_batch(images, labels, idx, mean, std, gen, epoch, augmentation, flip_bits=None):
+    """This rank's share of `images[idx]` (uint8, on the device), normalised and augmented as
+    `augmentation` (`augment`'s keyword arguments) says with draws from `gen`, and its labels.
+    Every rank augments the whole global batch (the same random draws as one process: cheap
+    next to the network) and trains on its share of it."""
+    flips = None if flip_bits is None else flip_bits[idx]
+    x = augment(normalize(images[idx], mean, std), gen, flip_bits=flips, epoch=epoch,
+                **augmentation)
+    return x[distributed.share()], labels[idx][distributed.share()]
+
+
+def augmentation(args):
+    """`augment`'s keyword arguments for the flags of a run."""
+    return {"crop_pad": args.crop_pad, "pad_mode": args.pad_mode, "cutout_size": args.cutout}
+
+
+def train_step(model, optimizers, schedulers, x, y, num_classes, smoothing, grad_clip,
+               autocast):
+    """One optimiser step on the batch (x, y); (LR used, loss, hits), the last two left on the
+    device: nothing here reads from it."""
+    with autocast:
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), one_hot(y, num_classes, smoothing))
+    for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     loss.backward()
-    if args.grad_clip:
-        torch.nn.utils.clip_grad_norm_(training_parameters(run), args.grad_clip)
-    lr_used = run.optimizers[0].param_groups[0]["lr"]
-    for opt, sched in zip(run.optimizers, run.schedulers):
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(training_parameters(model, optimizers), grad_clip)
+    lr_used = optimizers[0].param_groups[0]["lr"]
+    for opt, sched in zip(optimizers, schedulers):
         opt.step()
         sched.step()
-    if run.lookahead is not None:
-        run.lookahead.step(global_step)
     return lr_used, loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def training_parameters(run):
+def training_parameters(model, optimizers):
     """The model's parameters but those whose training has ended (a group marked
     `trains_epochs` whose LR is 0 now): what gradient clipping measures."""
-    ended = {id(p) for opt in run.optimizers for g in opt.param_groups
+    ended = {id(p) for opt in optimizers for g in opt.param_groups
              if "trains_epochs" in g and g["lr"] == 0 for p in g["params"]}
-    return [p for p in run.model.parameters() if id(p) not in ended]
+    return [p for p in model.parameters() if id(p) not in ended]
 
 
 def end_epoch(run, epoch, sums):

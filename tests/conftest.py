@@ -4,7 +4,6 @@ import contextlib
 import importlib
 import io
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -16,34 +15,16 @@ import pytest
 import torch
 
 from conv import plans
+from data import write_pickle, write_synthetic_cifar10
 
 SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
 # The flags of every script run whose result is compared with a reference: float32 on the CPU.
 CPU_FP32 = ["--device", "cpu", "--precision", "fp32"]
 
 
-def _dump(path, obj):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)  # the protocol of the official files
-
-
 def write_cifar10(root, per_file=40, n_test=30, seed=0):
     """data_batch_1..5 + test_batch + batches.meta with random pixels and cycling labels."""
-    rng = np.random.default_rng(seed)
-    folder = os.path.join(root, "cifar-10-batches-py")
-    os.makedirs(folder, exist_ok=True)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for i, name in enumerate(names):
-        n = n_test if name == "test_batch" else per_file
-        _dump(os.path.join(folder, name), {
-            b"batch_label": name.encode(),
-            b"labels": [(i + j) % 10 for j in range(n)],
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            b"filenames": [f"{name}_{j}.png".encode() for j in range(n)]})
-    _dump(os.path.join(folder, "batches.meta"), {
-        b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072,
-        b"num_cases_per_batch": per_file})
-    return folder
+    return write_synthetic_cifar10(root, per_file, n_test, seed)
 
 
 def write_cifar100(root, n_train=300, n_test=100, seed=0):
@@ -52,18 +33,14 @@ def write_cifar100(root, n_train=300, n_test=100, seed=0):
     os.makedirs(folder, exist_ok=True)
     for name, n in (("train", n_train), ("test", n_test)):
         fine = [j % 100 for j in range(n)]
-        _dump(os.path.join(folder, name), {
+        write_pickle(os.path.join(folder, name), {
             b"filenames": [f"{j}.png".encode() for j in range(n)], b"batch_label": name.encode(),
             b"fine_labels": fine, b"coarse_labels": [f // 5 for f in fine],
             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)})
-    _dump(os.path.join(folder, "meta"), {
+    write_pickle(os.path.join(folder, "meta"), {
         b"fine_label_names": [f"class_{i:02d}".encode() for i in range(100)],
         b"coarse_label_names": [f"super_{i:02d}".encode() for i in range(20)]})
     return folder
-
-
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck"]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from conftest import rel_err
-from conv import Conv2d, conv2d_unfold, conv2d_unfold_autograd, swap_convs
+from conv import Conv2d, conv2d_unfold, conv2d_unfold_autograd, plans, swap_convs
 from conv.im2col import (ONEDNN_MATMUL_SWITCH, images_per_chunk, matmul_nt,
                          onednn_matmul_available)
 from conv.regions import conv_source
@@ -163,7 +163,8 @@ def test_conv_matches_when_unfolded_in_chunks_of_images(cin, cout, groups):
     cfg = dict(cin=cin, cout=cout, k=3, stride=1, padding=1, dilation=1, groups=groups, n=12,
                h=24, w=24, bias=True)
     for channels in (cin, cout):
-        assert images_per_chunk(torch.zeros(12, channels, 26, 26), (24, 24), (3, 3)) < 12
+        assert images_per_chunk(torch.zeros(12, channels, 26, 26), (24, 24), (3, 3),
+                                plans.Plan(True, True, True, chunk_mib=4)) < 12
     torch.manual_seed(5)
     errors = compare(cfg, torch.float64)
     assert max(errors.values()) < TOL[torch.float64], errors

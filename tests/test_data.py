@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CIFAR10_CLASSES
-from data import (DataError, alternating_flip, augment, channel_stats, cutout, load_cifar,
-                  normalize, one_hot, random_crop, random_flip, stratified_split)
+from data import (CIFAR10_CLASSES, DataError, alternating_flip, augment, channel_stats, cutout,
+                  load_cifar, normalize, one_hot, random_crop, random_flip, stratified_split)
 
 
 def test_reads_cifar10_layout(cifar10_dir):

@@ -45,9 +45,36 @@ def test_unknown_device_name():
         pick_device("tpu")
 
 
-def test_optimize_is_a_no_op_off_xpu():
-    model, opt = torch.nn.Linear(2, 2), None
-    assert optimize_for_device(model, opt, torch.device("cpu")) == (model, opt)
+def test_optimize_is_a_no_op_off_xpu_and_without_ipex():
+    model, opts = torch.nn.Linear(2, 2), []
+    assert optimize_for_device(model, opts, torch.device("cpu")) == (model, opts, None)
+    assert optimize_for_device(model, opts, torch.device("xpu")) == (model, opts, None)
+
+
+def installed_ipex(folder, version):
+    """An installed package's metadata for IPEX `version` (what `ipex_problem` reads; no
+    module to import)."""
+    dist = folder / f"intel_extension_for_pytorch-{version}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: intel_extension_for_pytorch\n"
+                                   f"Version: {version}\n")
+
+
+@pytest.mark.parametrize("version, optimizers, why", [
+    ("2.3.110+xpu", 1, "version 2.3.110+xpu is built for torch 2.3, this is torch {torch}"),
+    ("{torch_minor}.10+xpu", 2, "it takes one optimiser, this run has 2")])
+def test_ipex_that_cannot_serve_the_run_is_named_and_never_imported(version, optimizers, why,
+                                                                   tmp_path, monkeypatch):
+    """A build for another torch (importing one ends the process) is caught from its metadata;
+    --optimizer muon's two optimisers would leave the second stepping a stale model."""
+    torch_minor = ".".join(torch.__version__.split(".")[:2])
+    installed_ipex(tmp_path, version.format(torch_minor=torch_minor))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = torch.nn.Linear(2, 2)
+    opts = [torch.optim.SGD(model.parameters(), lr=0.1) for _ in range(optimizers)]
+    assert optimize_for_device(model, opts, torch.device("xpu")) == (
+        model, opts, f"intel_extension_for_pytorch not used: "
+                     f"{why.format(torch=torch.__version__)}")
 
 
 FAULTS_OF_A_REUSED_BLOCK = """

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CIFAR10_CLASSES, CPU_FP32, run_main, run_script
+from conftest import CPU_FP32, run_main, run_script
+from data import CIFAR10_CLASSES
 from data import load_cifar
 from inference import DEFAULT_WEIGHTS, load_weights
 from evaluate import predict_logits

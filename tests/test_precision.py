@@ -2,12 +2,14 @@
 benchmark. Every assertion holds on any CPU: CIFAR_CPU_BF16 says which bf16 unit's branch to
 take, and bf16 itself runs everywhere (slowly where the CPU has no bf16 instructions)."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_main, write_cifar10
+from conftest import SRC, run_main, write_cifar10
 from model import build_model
 from precision import autocast, cpu_bf16_unit, describe, pick_precision
 
@@ -160,3 +162,24 @@ def test_a_resumed_auto_run_keeps_the_precision_it_ran_in(tmp_path):
         resumed = run_main("train.py", "--resume", prev, env={"CIFAR_CPU_BF16": "avx512_bf16"})
         assert resumed.returncode == 0, resumed.stderr
         assert f"precision: {expected} (the resumed run's)" in resumed.stderr, saved
+
+
+TF32_FLAGS = """
+import sys, torch
+sys.path.insert(0, {src!r})
+from precision import true_fp32
+flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+for f in flags:
+    f.allow_tf32 = True
+print(repr(true_fp32(torch.device("cpu"))), [f.allow_tf32 for f in flags])
+print(repr(true_fp32(torch.device("cuda"))), [f.allow_tf32 for f in flags])
+"""
+
+
+def test_fp32_on_cuda_is_true_float32_in_both_convs():
+    """cuDNN's default is TF32 for float32 convolutions, cuBLAS's (the hand-written conv's
+    matmuls) true float32: true_fp32 makes both true float32. The flags exist without a GPU;
+    a fresh process, as this one has them frozen (by torch's test utilities)."""
+    out = subprocess.run([sys.executable, "-c", TF32_FLAGS.format(src=SRC)], check=True,
+                         capture_output=True, text=True).stdout
+    assert out == "'' [True, True]\n'TF32 off in cuBLAS and cuDNN' [False, False]\n"

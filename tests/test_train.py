@@ -8,17 +8,19 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import distributed
 from conftest import CPU_FP32, SRC, run_main, run_script, write_cifar10, write_cifar100
 from data import load_cifar, normalize
+from gpu_check import preset_step
 from model import build_model, whitening_filters
 from optim import lr_factor, make_optimizers, make_schedulers
-from preemption import deferred_stop_signals
+from preemption import deferred_stop_signals, stop_requested
 from train import training_parameters
 from train_flags import get_args
 
@@ -79,7 +81,7 @@ def test_diverging_loss_stops_with_a_clear_message(cifar10_dir, tmp_path):
 def test_stopped_by_a_signal_mid_epoch_and_resumed_ends_with_the_same_weights(preset, signum,
                                                                                tmp_path):
     data = str(tmp_path / "data")
-    write_cifar10(data, per_file=120, n_test=20)    # 18 steps per epoch
+    write_cifar10(data, per_file=60, n_test=20)     # 8 steps per epoch
     args = ["--preset", preset, "--epochs", "2", "--data-dir", data, *TINY]
     straight = tmp_path / "straight"
     assert run_main("train.py", *args, "--out", straight).returncode == 0
@@ -95,7 +97,7 @@ def test_stopped_by_a_signal_mid_epoch_and_resumed_ends_with_the_same_weights(pr
     assert proc.returncode == 128 + signum, stderr
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     steps = ckpt["partial"]["steps"]
-    assert ckpt["epoch"] == -1 and 1 <= steps < 18     # within epoch 1
+    assert ckpt["epoch"] == -1 and 1 <= steps < 8      # within epoch 1
     assert stderr.splitlines()[-1] == (
         f"error: stopped by {signal.Signals(signum).name} in epoch 1 after step {steps}/"
         f"{len(ckpt['partial']['perm']) // 32}; {out / 'checkpoint.pt'} holds it: "
@@ -356,12 +358,70 @@ def test_gradient_clipping_leaves_out_a_parameter_whose_training_has_ended():
     model = build_model("fast94")
     args = get_args(["--preset", "fast94", "--epochs", "4"])
     optimizers = make_optimizers(model, args)
-    run = SimpleNamespace(model=model, optimizers=optimizers,
-                          schedulers=make_schedulers(optimizers, 2, args))
-    assert any(p is model.whiten.bias for p in training_parameters(run))
+    schedulers = make_schedulers(optimizers, 2, args)
+    assert any(p is model.whiten.bias for p in training_parameters(model, optimizers))
     for _ in range(6):                               # 3 epochs of 2 steps (without gradients)
-        for opt, sched in zip(run.optimizers, run.schedulers):
+        for opt, sched in zip(optimizers, schedulers):
             opt.step()
             sched.step()
-    assert not any(p is model.whiten.bias for p in training_parameters(run))
-    assert len(training_parameters(run)) == len(list(model.parameters())) - 1
+    assert not any(p is model.whiten.bias for p in training_parameters(model, optimizers))
+    assert len(training_parameters(model, optimizers)) == len(list(model.parameters())) - 1
+
+
+class HostReads(TorchDispatchMode):
+    """Records the calls that make a GPU wait: reading a value back to the host
+    (`_local_scalar_dense`: .item(), bool(), .tolist()), ops whose output size depends on the
+    data, and copies from the device (here `meta`) to the CPU."""
+    DATA_DEPENDENT = {"aten.nonzero", "aten.masked_select", "aten.unique",
+                      "aten._unique2", "aten.repeat_interleave", "aten.aminmax"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+        if (name == "aten._local_scalar_dense" or name in self.DATA_DEPENDENT or
+                (isinstance(out, torch.Tensor) and out.device.type == "cpu" and "meta" in devices)):
+            self.reads.append(name)
+        return out
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_training_step_reads_nothing_back_from_the_device(device, monkeypatch):
+    """fast94 (batch, step, lookahead pull), and on `meta` the epoch loop's stop check at a
+    step that is not a check-in. On the CPU every value read to the host is seen (F.one_hot
+    read the labels' range, two reads a step); on `meta`, standing in for a GPU, every copy to
+    the host. The stop check runs as under torchrun with 2 ranks (a world size no process has
+    in a test here; on the CPU that check all-reduces every step, reading no device)."""
+    step = preset_step("fast94", device, 16)
+    step()
+    with HostReads() as seen:
+        step()
+        if device == "meta":
+            monkeypatch.setattr(distributed, "world_size", lambda: 2)
+            assert not stop_requested([], torch.device(device), check_in=False)
+    assert seen.reads == []
+
+
+def test_a_run_saved_on_a_gpu_resumes_on_the_cpu_and_says_what_it_reseeded(cifar10_dir,
+                                                                          tmp_path):
+    """The checkpoint of a run on 3 GPUs, crafted from a CPU run's: the batch-order generator
+    of CUDA's format (16 bytes) and 3 CUDA RNG states. A CUDA machine must still confirm the
+    other way round (a CPU run resumed with --device cuda) and that its GPU states load."""
+    out = tmp_path / "run"
+    result = run_main("train.py", "--epochs", "2", "--data-dir", cifar10_dir, "--out", out,
+                      *TINY)
+    assert result.returncode == 0, result.stderr
+    ckpt = torch.load(out / "checkpoint.prev.pt", weights_only=True)      # after epoch 1
+    cuda_state = torch.zeros(16, dtype=torch.uint8)
+    ckpt["rng"].update(data=cuda_state, data_device="cuda", cuda=[cuda_state] * 3)
+    torch.save(ckpt, out / "checkpoint.pt")
+    result = run_main("train.py", "--resume", out, *CPU_FP32)
+    assert result.returncode == 0, result.stderr
+    assert ("note: resumed on another machine: the batch order's generator (saved on cuda) "
+            "re-seeded; 3 of its 3 CUDA RNG states dropped (0 GPUs here); the run goes on, "
+            "with other random draws than an uninterrupted one\n") in result.stderr
+    assert "epoch   2/2" in result.stderr

@@ -69,7 +69,7 @@ class UnfoldMatmulConv(torch.autograd.Function):
 
         if need_w:
             gw = grad_weight_regions(src, before, regions, go.view(n, ho, wo, groups, og),
-                                      (kh, kw), stride, dilation, groups, plan.chunk_mib)
+                                      (kh, kw), stride, dilation, groups, plan)
             grad_w = gw.permute(0, 4, 3, 1, 2).reshape(out_c, cg, kh, kw).to(weight.dtype)
         if ctx.has_bias and need_b:
             grad_b = go.sum(0).reshape(out_c)
@@ -77,11 +77,12 @@ class UnfoldMatmulConv(torch.autograd.Function):
             # x[r, s] receives go[r + top - p*d, s + left - q*d] W[:, :, p, q]: a stride-1
             # correlation of go, padded by the dilated kernel extent less the forward padding,
             # with the kernel flipped in space and transposed in channels; the same region split
-            # skips the taps that land on that padding.
+            # skips the taps that land on that padding (as its share rules, or in the
+            # accelerator form as the plan says).
             eh, ew = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
             gpads = (ew - left, ew - right, eh - top, eh - bottom)
-            g_src, g_before, g_regions = conv_source(grad_out, gpads, (kh, kw), (1, 1),
-                                                      dilation, (h, w))
+            g_src, g_before, g_regions = conv_source(grad_out, gpads, (kh, kw), (1, 1), dilation,
+                                                      (h, w), plan.split if plan.whole else None)
             w_rot = weight.view(groups, og, cg, kh, kw).flip(3, 4).permute(0, 2, 3, 4, 1)
             gx = conv_regions(g_src, g_before, g_regions, w_rot, None, (1, 1), dilation, (h, w),
                               plan)
@@ -178,7 +179,8 @@ def conv2d_unfold(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     # Under autocast the matmuls run in the autocast dtype, as cuDNN's and oneDNN's convolutions
     # would; float64, which autocast leaves alone, stays float64.
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
+    if (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+            and x.dtype != torch.float64):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
@@ -197,10 +199,14 @@ def _apply_conv(x, weight, bias, stride, pads, dilation, groups):
     matmul with autograd deriving the backward (`conv2d_unfold_autograd`)."""
     if torch.compiler.is_exporting():
         return conv2d_unfold_autograd(x, weight, bias, stride, pads, dilation, groups)
+    if torch.compiler.is_compiling():
+        # Made here, not as a decorator: torch.compiler.disable imports Dynamo, 1.5 s of every
+        # script's start on 2 cores, compiled or not. Dynamo traces this call once per conv.
+        return torch.compiler.disable(_eager_conv)(x, weight, bias, stride, pads, dilation,
+                                                   groups)
     return _eager_conv(x, weight, bias, stride, pads, dilation, groups)
 
 
-@torch.compiler.disable
 def _eager_conv(x, weight, bias, stride, pads, dilation, groups):
     if groups == x.shape[1] == weight.shape[0] > 1:       # one filter per channel
         out_hw = output_hw(x.shape, weight.shape[2:], stride, pads, dilation)

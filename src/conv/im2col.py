@@ -37,15 +37,19 @@ def pad_channels_last(x, pads):
     return xp
 
 
-def images_per_chunk(xp, out_hw, kernel_size, chunk_mib=4):
+def images_per_chunk(xp, out_hw, kernel_size, plan):
     """How many images to unfold at a time so that one chunk's im2col matrix is no larger than
-    the padded input itself, nor than `chunk_mib` MiB (at least one image, and up to 1 MiB of
-    columns regardless). Small chunks are reused from the heap; large ones are fresh mappings
-    whose page faults cost more than the gather (glibc maps anything above 32 MiB; batch-1024
-    layers had chunks of 100+ MB before the cap, docs/conv_performance.md variant 2e)."""
+    plan.chunk_mib MiB (at least one image) and, but in the accelerator form (plan.whole),
+    than the padded input itself (up to 1 MiB of columns regardless). On a CPU small chunks
+    are reused from the heap; large ones are fresh mappings whose page faults cost more than
+    the gather (glibc maps anything above 32 MiB; batch-1024 layers had chunks of 100+ MB
+    before the cap, docs/conv_performance.md variant 2e). Accelerators take the whole batch
+    where it fits (plans.accelerator_chunk_mib)."""
     (ho, wo), (kh, kw) = out_hw, kernel_size
     cols_per_image = ho * wo * kh * kw * xp.shape[1] * xp.element_size()
-    budget = min(max(xp.numel() * xp.element_size(), 2 ** 20), chunk_mib * 2 ** 20)
+    budget = plan.chunk_mib * 2 ** 20
+    if not plan.whole:
+        budget = min(max(xp.numel() * xp.element_size(), 2 ** 20), budget)
     return max(1, min(xp.shape[0], budget // cols_per_image))
 
 
@@ -114,12 +118,12 @@ def add_matmul(acc, a, b):
     return acc.addmm_(a, b) if a.dim() == 2 else acc.baddbmm_(a, b)
 
 
-def column_chunks(xp, kernel_size, stride, dilation, groups, out_hw, chunk_mib):
+def column_chunks(xp, kernel_size, stride, dilation, groups, out_hw, plan):
     """Yield (first output row, im2col matrix (G, m, K)) for successive chunks of images, each
     chunk no larger than `images_per_chunk` allows; rows are ordered (n, ho, wo). The caller
     must drop each matrix before asking for the next, or two chunks are alive at once."""
     ho, wo = out_hw
-    chunk = images_per_chunk(xp, out_hw, kernel_size, chunk_mib)
+    chunk = images_per_chunk(xp, out_hw, kernel_size, plan)
     for i in range(0, xp.shape[0], chunk):
         cols = patches(xp[i:i + chunk], kernel_size, stride, dilation, groups, out_hw)
         # A copy (the im2col matrix) unless the view has rows alike already, as a 1x1 conv's
@@ -139,8 +143,7 @@ def unfold_matmul(xp, w_t, bias, out_hw, kernel_size, stride, dilation, groups, 
     ho, wo = out_hw
     if out is None:
         out = xp.new_empty((xp.shape[0] * ho * wo, w_t.shape[0] * w_t.shape[1]))
-    for start, cols in column_chunks(xp, kernel_size, stride, dilation, groups, out_hw,
-                                     plan.chunk_mib):
+    for start, cols in column_chunks(xp, kernel_size, stride, dilation, groups, out_hw, plan):
         rows = out[start:start + cols.shape[1]]
         if groups == 1:
             rows.copy_(matmul_nt(cols[0], w_t[0], bias, plan.onednn))
@@ -175,7 +178,7 @@ def fold_columns(go, w_rows, padded_shape, kernel_size, stride, dilation, out_hw
     (kh, kw), (ho, wo) = kernel_size, out_hw
     grad_padded = go.new_zeros(padded_shape, dtype=accumulator(go.dtype))   # the taps add up here
     as_nchw = grad_padded.view(n, hp, wp, groups * cg).permute(0, 3, 1, 2)
-    chunk = images_per_chunk(as_nchw, out_hw, kernel_size, plan.chunk_mib)
+    chunk = images_per_chunk(as_nchw, out_hw, kernel_size, plan)
     w_cols = w_rows[0].t().contiguous() if groups == 1 else None       # (K, O) for matmul_nt
     for i in range(0, n, chunk):
         rows = go[i * ho * wo:(i + chunk) * ho * wo]

@@ -37,6 +37,9 @@ class Plan(NamedTuple):
     #                   correlation splits by its own padding's share, as `conv_source` rules
     correlate: bool   # stride-1 grad x as a correlation of grad y (else grad y @ W, then fold)
     chunk_mib: int    # the cap on one chunk's im2col matrix, MiB (im2col.images_per_chunk)
+    whole: bool = False   # the accelerator form: chunks as large as chunk_mib allows (else
+    #                   no larger than the input, for the CPU's caches), and no split in grad x
+    #                   either where `split` is off (else as its own padding's share rules)
 
 
 _CHOSEN = {}          # key (`plan_key`) -> Plan, for this process; see the module docstring
@@ -45,15 +48,43 @@ _SETTINGS = {"measure": None}   # None: as MEASURE_SWITCH says (on unless it is 
 
 @functools.lru_cache(maxsize=4096)
 def default_plan(x_shape, weight_shape, stride, pads, dilation, dtype, device_type):
-    """The fixed choice, from rules measured on an AMD EPYC (docs/conv_performance.md):
-    oneDNN's matmul where it runs this dtype, the region split where it skips 10 % of the
-    products, grad x by correlation unless the layer widens more than 2x, 4 MiB chunks."""
+    """The fixed choice. On the CPU, from rules measured on an AMD EPYC
+    (docs/conv_performance.md): oneDNN's matmul where it runs this dtype, the region split
+    where it skips 10 % of the products, grad x by correlation unless the layer widens more
+    than 2x, 4 MiB chunks. On accelerators (and `meta`), the fewest kernel launches: one
+    padded copy, no split, and chunks as large as `accelerator_chunk_mib` allows (the whole
+    batch, as a rule), since each launch costs microseconds of the host's time whatever the
+    GPU's speed, while caches matter less."""
     out_c, kernel = weight_shape[0], tuple(weight_shape[2:])
+    correlate = stride == (1, 1) and out_c <= 2 * x_shape[1]
+    if device_type != "cpu":
+        return Plan(onednn=False, split=False, correlate=correlate,
+                    chunk_mib=accelerator_chunk_mib(device_type), whole=True)
     out_hw = output_hw(x_shape, kernel, stride, pads, dilation)
     regions = output_regions(x_shape[2:], kernel, stride, pads, dilation, out_hw)
-    return Plan(onednn=device_type == "cpu" and onednn_matmul_available(dtype),
-                split=skips_padding(regions, kernel, out_hw),
-                correlate=stride == (1, 1) and out_c <= 2 * x_shape[1], chunk_mib=4)
+    return Plan(onednn=onednn_matmul_available(dtype),
+                split=skips_padding(regions, kernel, out_hw), correlate=correlate, chunk_mib=4)
+
+
+ACCELERATOR_SHARE = 8        # an im2col chunk takes at most 1/8 of the free device memory
+UNKNOWN_FREE_MIB = 16 * 1024  # assumed free where the device cannot say (meta, mps)
+
+
+@functools.lru_cache(maxsize=None)
+def accelerator_chunk_mib(device_type):
+    """The cap on one im2col chunk on an accelerator: ACCELERATOR_SHARE of the memory free on
+    the current device when its first conv runs (fast94's largest whole-batch im2col is
+    405 MiB at batch 1024 in bf16, fast96's 506 MiB). Read once per process: the caching
+    allocator keeps what it took, so later readings would mostly see the run's own tensors."""
+    backend = getattr(torch, device_type, None)
+    free = None
+    if backend is not None and hasattr(backend, "mem_get_info"):
+        try:
+            free = backend.mem_get_info()[0]
+        except (RuntimeError, AssertionError):   # a build or driver that cannot tell
+            free = None
+    free_mib = UNKNOWN_FREE_MIB if free is None else free // 2 ** 20
+    return max(4, free_mib // ACCELERATOR_SHARE)
 
 
 def plan_key(x, weight, stride, pads, dilation, groups):
@@ -86,7 +117,7 @@ def set_measuring(enabled):
 
 
 def chosen():
-    """This process's choices, {key: [onednn, split, correlate, chunk_mib]}: plain values, so
+    """This process's choices, {key: [onednn, split, correlate, chunk_mib, whole]}: plain values, so
     that a checkpoint loads them with weights_only=True."""
     return {key: list(plan) for key, plan in _CHOSEN.items()}
 

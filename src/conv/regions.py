@@ -127,7 +127,7 @@ def conv_regions(src, before, regions, w_taps, bias, stride, dilation, out_hw, p
 
 
 def grad_weight_regions(src, before, regions, grad_map, kernel_size, stride, dilation,
-                        groups, chunk_mib):
+                        groups, plan):
     """grad W as (G, kh, kw, C/G, O/G), summed in `accumulator`'s dtype: per region, its
     im2col columns (rebuilt chunk by chunk) times its rows of the output gradient grad_map
     (N, Ho, Wo, G, O/G)."""
@@ -147,7 +147,7 @@ def grad_weight_regions(src, before, regions, grad_map, kernel_size, stride, dil
         # Accumulated as grad W^T = cols^T @ go (K, O/G): MKL ran this orientation of the same
         # product faster than grad_y^T @ cols (docs/conv_performance.md, variant 2d).
         for start, cols in column_chunks(xs, (p1 - p0, q1 - q0), stride, dilation, groups,
-                                          (i1 - i0, j1 - j0), chunk_mib):
+                                          (i1 - i0, j1 - j0), plan):
             go_c = go_r[start:start + cols.shape[1]].transpose(0, 1)          # (G, m, O/G)
             if groups == 1:
                 add_matmul(acc[0], cols[0].t(), go_c[0])
