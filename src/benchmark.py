@@ -36,7 +36,7 @@ from tqdm import tqdm
 import cli
 from device import (CHOICES as DEVICES, describe, keep_freed_memory, pick_device, stopwatch,
                     synchronize)
-from precision import CHOICES as PRECISIONS, autocast, pick_precision, true_fp32
+from precision import CHOICES as PRECISIONS, autocast, pick_precision, disable_tf32
 from precision import describe as describe_precision
 from conv import Conv2d, conv2d_unfold_autograd
 from conv.functions import UnfoldMatmulConv
@@ -490,7 +490,7 @@ def step_table(args, device, precisions):
 def conv_benchmark(args, device, dtype, why):
     names = sorted(MODELS) if args.models == "all" else args.models.split(",")
     mode = "bf16 autocast, channels_last" if dtype is not None else "float32"
-    tf32 = true_fp32(device)        # every float32 row: true float32 on both sides
+    tf32 = disable_tf32(device)        # every float32 row: true float32 on both sides
     print(f"Hand-written Conv2d ({args.hand_variant}) vs native, {describe(device)}, {mode} "
           f"({describe_precision(dtype, why)}{'; float32 rows: ' + tf32 if tf32 else ''}), "
           f"torch {torch.__version__}, "

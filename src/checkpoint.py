@@ -79,40 +79,62 @@ def lock_run_folder(folder):
     return f
 
 
-def rng_states(data_gen):
-    """The CPU's RNG state, the batch-order generator's (on the training device: its state has
-    that device type's format) and every GPU's."""
-    states = {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
-              "data_device": data_gen.device.type}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+def accelerator_rng(device):
+    """torch.cuda or torch.xpu for a device of theirs (they keep a generator per device), else
+    None."""
+    backend = getattr(torch, device.type, None) if device.type in ("cuda", "xpu") else None
+    return backend if hasattr(backend, "get_rng_state") else None
 
 
-def set_rng_states(states, data_gen, reseed):
+def process_rng_state(device):
+    """This process's own generators: the CPU's (dropout on the CPU, and every seed) and its
+    accelerator's (dropout there). Under torchrun each rank has its own."""
+    backend = accelerator_rng(device)
+    return {"cpu": torch.get_rng_state(), "device_type": device.type,
+            "device": backend.get_rng_state(device) if backend is not None else None}
+
+
+def rng_states(data_gen, processes):
+    """What a checkpoint keeps of the random generators: the batch order's (on the training
+    device, in that device type's format) and every process's (`process_rng_state` of each
+    rank, in rank order)."""
+    return {"data": data_gen.get_state(), "data_device": data_gen.device.type,
+            "processes": processes}
+
+
+def set_rng_states(states, data_gen, device, rank, world, reseed):
     """Restore the states of `rng_states` as far as this machine can; what it could not, in
-    words (empty on the device type the run was saved on). On another device type the
-    batch-order generator is re-seeded with `reseed` (a CPU generator's state is 5,056 bytes,
-    a CUDA one's 16: neither takes the other's); CUDA states for GPUs this machine lacks are
-    dropped."""
+    words (nothing on the device type and process count the run was saved with).
+
+    On another device type the generators of the device are re-seeded (from `reseed`: a CPU
+    generator's state is 5,056 bytes, a CUDA one's 16, and neither takes the other's); with
+    another number of processes every process's own generators are (rank r from reseed + r)."""
     notes = []
-    torch.set_rng_state(states["torch"])
     saved_on = states.get("data_device", data_gen.device.type)
     try:
         if saved_on != data_gen.device.type:
             raise RuntimeError(saved_on)
         data_gen.set_state(states["data"])
-    except RuntimeError:                # a file from before data_device: "wrong size"
+    except RuntimeError:                # another device type's state: "wrong size"
         data_gen.manual_seed(reseed)
-        notes.append(f"the batch order's generator (saved on "
-                     f"{states.get('data_device', 'another device type')}) re-seeded")
-    cuda = states.get("cuda", [])
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for i, state in enumerate(cuda[:gpus]):
-        torch.cuda.set_rng_state(state, i)
-    if len(cuda) > gpus:
-        notes.append(f"{len(cuda) - gpus} of its {len(cuda)} CUDA RNG states dropped ({gpus} "
-                     f"GPUs here)")
+        notes.append(f"the batch order's generator (saved on {saved_on}) re-seeded")
+    processes = states.get("processes") or [     # a file from before "processes": the CPU's
+        {"cpu": cpu, "device_type": "cpu", "device": None}
+        for cpu in states.get("torch_ranks") or [states["torch"]]]
+    backend = accelerator_rng(device)
+    if len(processes) != world:
+        torch.manual_seed(reseed + rank)          # the CPU's and every device's
+        notes.append(f"the generators of {len(processes)} processes, now {world}, re-seeded")
+        return notes
+    own = processes[rank]
+    torch.set_rng_state(own["cpu"])
+    if backend is not None and own["device_type"] == device.type and own["device"] is not None:
+        backend.set_rng_state(own["device"], device)
+    elif backend is not None:
+        backend.manual_seed(reseed + rank)
+        notes.append(f"the {device.type} generator (saved on {own['device_type']}) re-seeded")
+    elif own["device_type"] != device.type:
+        notes.append(f"the {own['device_type']} generator left behind")
     return notes
 
 

@@ -134,9 +134,10 @@ def ipex_problem():
 
 def synchronize(device):
     """Wait until the work queued on `device` has run (cuda, xpu, mps; a no-op on the CPU)."""
-    backend = getattr(torch, device.type, None)
-    if device.type != "cpu" and hasattr(backend, "synchronize"):
-        backend.synchronize()
+    if device.type in ("cuda", "xpu"):
+        getattr(torch, device.type).synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()            # one device, no argument
 
 
 def stopwatch(device):

@@ -42,8 +42,8 @@ from data import DataError, load_cifar, write_synthetic_cifar10
 from device import CHOICES as DEVICES, describe, pick_device
 from model import build_model
 from optim import Lookahead, make_optimizers, make_schedulers
-from precision import autocast, pick_precision, true_fp32
-from train import augmentation, train_step, training_batch
+from precision import autocast, pick_precision, disable_tf32
+from train import augmentation, normalisation, train_step, training_batch
 from train_flags import get_args as train_args
 
 PARTS = ("conv", "memory", "steps", "syncs", "train", "resume", "cpu-resume", "compile", "muon")
@@ -53,6 +53,12 @@ SIZES = {"full": (1024, 5, 8, 10_000, ("fast94", "fast96")), "tiny": (8, 1, 2, 1
 # A part fails where the hand-written conv is further from float64 than this many times the
 # native conv's error, or than the dtype's floor, whichever is larger.
 ERROR_FACTOR, ERROR_FLOOR = 4, {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# Float32 convolutions on CUDA stay within this of float64 (the CPU's oneDNN: 2e-5); TF32, with
+# its 10-bit mantissa, is far off.
+FP32_NATIVE_BOUND = 1e-4
+# A resumed run's weights against the uninterrupted run's, relative to their largest: 0 on the
+# CPU (exact); a GPU's atomics may reorder sums.
+RESUME_BOUND = {"cpu": 0.0, "accelerator": 1e-2}
 
 
 def get_args(argv=None):
@@ -120,6 +126,11 @@ def check_convs(device, size):
                           if hand > max(ERROR_FACTOR * native, ERROR_FLOOR[dtype])]
     if result["off"]:
         raise AssertionError(f"{len(result['off'])} conv shapes off: {result['off'][0]}")
+    tf32 = [name for name, on in (("cuBLAS", torch.backends.cuda.matmul.allow_tf32),
+                                  ("cuDNN", torch.backends.cudnn.allow_tf32)) if on]
+    if device.type == "cuda" and (tf32 or result["float32"]["native"] > FP32_NATIVE_BOUND):
+        raise AssertionError(f"float32 is not true float32: TF32 on in {tf32 or 'neither'}, "
+                             f"native error {result['float32']['native']:.1e}")
     return result
 
 
@@ -133,9 +144,9 @@ def preset_step(preset, device, batch, autocast_ctx=contextlib.nullcontext()):
     optimizers = make_optimizers(model, args)
     schedulers = make_schedulers(optimizers, 10, args)
     lookahead = Lookahead(model, 10 * args.epochs) if args.lookahead else None
-    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8).to(device)
-    labels = torch.randint(0, 10, (batch,)).to(device)
-    mean, std = torch.full((3,), 0.5, device=device), torch.full((3,), 0.25, device=device)
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
+    mean, std = normalisation(images, device)
+    images, labels = images.to(device), torch.randint(0, 10, (batch,)).to(device)
     flip_bits = torch.zeros(batch, dtype=torch.bool, device=device)
     gen = torch.Generator("cpu" if device.type == "meta" else device).manual_seed(0)
     idx = torch.arange(batch, device=device)
@@ -151,16 +162,17 @@ def preset_step(preset, device, batch, autocast_ctx=contextlib.nullcontext()):
 
 
 def check_memory(device, size, dtype):
-    """Peak memory (MiB) of one fast96 training step, hand-written and native."""
+    """Peak memory (MiB) of one training step of fast96 (--tiny: fast94), hand-written and
+    native."""
     images = torch.randn(size[0], 3, 32, 32, device=device)
     labels = torch.randint(0, 10, (size[0],), device=device)
     peaks = {}
     for conv in ("hand", "native"):
-        step = sgd_step(network("fast96", conv).to(device), device, dtype)
+        step = sgd_step(network(size[4][-1], conv).to(device), device, dtype)
         step(images, labels)
         peak = peak_bytes(lambda: step(images, labels), device)
         peaks[conv] = None if peak is None else round(peak / 2 ** 20, 1)
-    return {"batch": size[0], "peak_mib": peaks}
+    return {"network": size[4][-1], "batch": size[0], "peak_mib": peaks}
 
 
 def check_steps(device, size, dtype):
@@ -208,7 +220,9 @@ def script(name, *args, stop_when=None):
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             time.sleep(0.01)
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # train.py leaves both signals ignored after it stopped on one: put them back after each run.
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     if stop_when is not None:
         threading.Thread(target=send_stop, daemon=True).start()
     start, code = time.perf_counter(), 0
@@ -219,7 +233,8 @@ def script(name, *args, stop_when=None):
         code = e.code if isinstance(e.code, int) else 1
     finally:
         done.set()
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return code, out.getvalue(), err.getvalue(), round(time.perf_counter() - start, 1)
 
 
@@ -266,20 +281,26 @@ def check_resume(data, device, size, out, straight):
     run_ok("train", "--resume", out, "--device", device.type)
     a, b = (torch.load(os.path.join(d, "weights.pt"), weights_only=True)["state_dict"]
             for d in (straight, out))
-    diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-    return {"stopped": stopped, "max_weight_difference": diff}
+    diff = max(rel_err(b[k], a[k]) for k in a if a[k].is_floating_point())
+    bound = RESUME_BOUND["cpu" if device.type == "cpu" else "accelerator"]
+    if diff > bound:
+        raise AssertionError(f"the resumed run's weights differ from the uninterrupted run's "
+                             f"by {diff:.1e} (relative), over {bound:g}")
+    return {"stopped": stopped, "weight_difference": diff}
 
 
 def check_cpu_resume(device, size, out):
-    """A fast94 run of 2 short epochs on the CPU (at most 320 images), put back to its
+    """A fast94 run of 2 short epochs on the CPU (at most 320 images, batch 32), put back to its
     checkpoint after epoch 1 and resumed on `device`: its notes on what was re-seeded."""
     data = os.path.join(out, "data")
     write_synthetic_cifar10(data, per_file=min(size[3], 64), n_test=32)
-    run_ok("train", "--preset", "fast94", "--epochs", "2", "--batch-size", min(size[0], 64),
+    run_ok("train", "--preset", "fast94", "--epochs", "2", "--batch-size", 16 * len(size[4]),
            "--data-dir", data, "--device", "cpu", "--out", out)
     shutil.copyfile(os.path.join(out, "checkpoint.prev.pt"), os.path.join(out, "checkpoint.pt"))
     summary, err, seconds = run_ok("train", "--resume", out, "--device", device.type)
     notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    if device.type != "cpu" and not any("re-seeded" in line for line in notes):
+        raise AssertionError("the resume on the device did not say what it re-seeded")
     return {"train": summary.strip(), "notes": notes, "seconds": seconds}
 
 
@@ -321,7 +342,7 @@ def main(argv=None):
             write_synthetic_cifar10(data, per_file=size[3], n_test=size[3] // 5)
     except (ValueError, DataError, OSError) as e:
         cli.fail(str(e))
-    tf32 = true_fp32(device)
+    tf32 = disable_tf32(device)
     results = {"device": describe(device), "torch": torch.__version__,
                "precision": "bf16" if dtype is not None else "fp32", "fp32": tf32 or "float32",
                "data": args.data_dir or "synthetic", "parts": {}}
@@ -330,6 +351,8 @@ def main(argv=None):
     for part in tqdm(parts, desc="gpu check", file=sys.stderr):
         start = time.perf_counter()
         try:
+            if part == "resume" and "train" not in parts:
+                raise RuntimeError("it compares with the train part's run: do not skip that")
             figures = {"ok": True, **run_part(part, args, device, dtype, size, data)}
         except Exception as e:          # recorded; the other parts still run
             figures = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}

@@ -63,13 +63,13 @@ def pick_precision(flag, device):
     return None, where
 
 
-def true_fp32(device):
-    """Make float32 mean float32 on CUDA for both convs; the words that say so, or "".
+def disable_tf32(device):
+    """Switch TF32 off for this process on CUDA, so that float32 means float32 in both convs;
+    the words that say so, or "" elsewhere.
 
     By default cuDNN computes float32 convolutions in TF32 (a 10-bit mantissa) while cuBLAS,
     which runs the hand-written conv's matmuls, computes in true float32: a comparison of the
-    two would not be like for like. Both flags are switched off for this process; bf16 runs
-    are untouched."""
+    two would not be like for like. bf16 runs are untouched."""
     if device.type != "cuda":
         return ""
     torch.backends.cuda.matmul.allow_tf32 = False

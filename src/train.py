@@ -22,8 +22,8 @@ from tqdm import tqdm
 import cli
 import distributed
 import logs
-from checkpoint import (atomic_save, flags_of_resumed_run, lock_run_folder, rng_states,
-                        set_aside_other_checkpoint, set_rng_states)
+from checkpoint import (atomic_save, flags_of_resumed_run, lock_run_folder, process_rng_state,
+                        rng_states, set_aside_other_checkpoint, set_rng_states)
 from conv import plans as conv_plans
 from data import (DataError, augment, channel_stats, load_cifar, normalize, one_hot,
                   stratified_split)
@@ -34,7 +34,7 @@ from model import FastNet, build_model
 from optim import Lookahead, make_optimizers, make_schedulers
 from preemption import Stopped, deferred_stop_signals, stop_requested, stopped
 from precision import (autocast as precision_autocast, cpu_bf16_unit, pick_precision,
-                       true_fp32)
+                       disable_tf32)
 from precision import describe as describe_precision
 from pretrained import BACKBONES, PretrainedError, load_backbone
 from train_flags import get_args
@@ -120,8 +120,9 @@ def set_up_device(run):
                          f"evenly over {run.world} processes")
     flag = resumed_precision(run)
     run.dtype, run.precision_reason = pick_precision(flag, run.device)
-    if run.dtype is None and true_fp32(run.device):
-        run.precision_reason += f"; {true_fp32(run.device)}"
+    tf32 = disable_tf32(run.device) if run.dtype is None else ""
+    if tf32:
+        run.precision_reason += f"; {tf32}"
     if flag != args.precision:      # "--precision bf16; ...: slow" -> "the run's; ...: slow"
         run.precision_reason = run.precision_reason.replace(f"--precision {flag}",
                                                             "the resumed run's")
@@ -160,10 +161,7 @@ def set_up_data(run, resume_file):
         train_idx, val_idx = stratified_split(train_y, args.val_size, seed=args.seed)
     else:
         train_idx, val_idx = torch.arange(len(train_y)), torch.arange(0)
-    run.mean, run.std = channel_stats(run.data["train_x"][train_idx])
-    if args.pretrained:     # the backbone sees inputs normalised as in its ImageNet training
-        run.mean, run.std = (torch.tensor(BACKBONES[args.pretrained][k]) for k in ("mean", "std"))
-    run.mean, run.std = run.mean.to(device), run.std.to(device)   # no copy per batch
+    run.mean, run.std = normalisation(run.data["train_x"][train_idx], device, args.pretrained)
     # The whole split as one tensor on the device; batches are gathered by index from it.
     run.train_x, run.train_y = (run.data[k][train_idx].to(device) for k in ("train_x", "train_y"))
     run.val_x, run.val_y = (run.data[k][val_idx].to(device) for k in ("train_x", "train_y"))
@@ -183,6 +181,17 @@ def set_up_data(run, resume_file):
     if args.flip == "alternating":
         bit_gen = torch.Generator().manual_seed(args.seed + 1)
         run.flip_bits = (torch.rand(len(run.train_x), generator=bit_gen) < 0.5).to(device)
+
+
+def normalisation(images, device, pretrained=None):
+    """The per-channel mean and std that batches are normalised with, on the training device
+    (a copy from the host every batch would wait for a GPU): the training images', or with
+    --pretrained the backbone's, as in its ImageNet training."""
+    if pretrained:
+        mean, std = (torch.tensor(BACKBONES[pretrained][k]) for k in ("mean", "std"))
+    else:
+        mean, std = channel_stats(images)
+    return mean.to(device), std.to(device)
 
 
 def test_curve_every(run):
@@ -241,14 +250,8 @@ def restore(run):
                          f"start a new run")
     for obj, state in zip(run.optimizers + run.schedulers, optimizers + schedulers):
         obj.load_state_dict(state)
-    notes = set_rng_states(ckpt["rng"], run.data_gen,
-                           reseed=run.args.seed * 1_000_003 + ckpt["epoch"] + 1)
-    ranks = ckpt["rng"].get("torch_ranks", [])
-    if len(ranks) == run.world:
-        torch.set_rng_state(ranks[distributed.rank()])
-    elif ranks:
-        notes.append(f"the dropout generators of {len(ranks)} processes, now {run.world}, "
-                     f"keep their new seeds")
+    notes = set_rng_states(ckpt["rng"], run.data_gen, run.device, distributed.rank(),
+                           run.world, reseed=run.args.seed * 1_000_003 + ckpt["epoch"] + 1)
     if notes:
         run.log(f"note: resumed on another machine: {'; '.join(notes)}; the run goes on, "
                 f"with other random draws than an uninterrupted one")
@@ -453,9 +456,7 @@ def held_out_scalars(run, epoch):
 def save_checkpoint(run, completed_epoch, partial=None):
     """Everything a resume needs (every rank calls it; rank 0 writes). `partial`: the steps,
     batch order and loss sums of a stopped epoch."""
-    rng = rng_states(run.data_gen)
-    if run.world > 1:    # the dropout streams differ per rank; a resume restores each
-        rng["torch_ranks"] = distributed.all_gather(torch.get_rng_state())
+    rng = rng_states(run.data_gen, distributed.all_gather(process_rng_state(run.device)))
     if not run.main:
         return
     ckpt = {"model": run.model.state_dict(),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import SRC
-from device import (KEEP_SWITCH, gnu_libc, keep_freed_memory, optimize_for_device,
+from device import (KEEP_SWITCH, gnu_libc, ipex_problem, keep_freed_memory, optimize_for_device,
                     pick_device)
 
 
@@ -48,7 +48,8 @@ def test_unknown_device_name():
 def test_optimize_is_a_no_op_off_xpu_and_without_ipex():
     model, opts = torch.nn.Linear(2, 2), []
     assert optimize_for_device(model, opts, torch.device("cpu")) == (model, opts, None)
-    assert optimize_for_device(model, opts, torch.device("xpu")) == (model, opts, None)
+    if ipex_problem() == "not installed":        # as on every machine this repo has met
+        assert optimize_for_device(model, opts, torch.device("xpu")) == (model, opts, None)
 
 
 def installed_ipex(folder, version):

@@ -167,18 +167,18 @@ def test_a_resumed_auto_run_keeps_the_precision_it_ran_in(tmp_path):
 TF32_FLAGS = """
 import sys, torch
 sys.path.insert(0, {src!r})
-from precision import true_fp32
+from precision import disable_tf32
 flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
 for f in flags:
     f.allow_tf32 = True
-print(repr(true_fp32(torch.device("cpu"))), [f.allow_tf32 for f in flags])
-print(repr(true_fp32(torch.device("cuda"))), [f.allow_tf32 for f in flags])
+print(repr(disable_tf32(torch.device("cpu"))), [f.allow_tf32 for f in flags])
+print(repr(disable_tf32(torch.device("cuda"))), [f.allow_tf32 for f in flags])
 """
 
 
 def test_fp32_on_cuda_is_true_float32_in_both_convs():
     """cuDNN's default is TF32 for float32 convolutions, cuBLAS's (the hand-written conv's
-    matmuls) true float32: true_fp32 makes both true float32. The flags exist without a GPU;
+    matmuls) true float32: disable_tf32 makes both true float32. The flags exist without a GPU;
     a fresh process, as this one has them frozen (by torch's test utilities)."""
     out = subprocess.run([sys.executable, "-c", TF32_FLAGS.format(src=SRC)], check=True,
                          capture_output=True, text=True).stdout

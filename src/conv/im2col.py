@@ -38,13 +38,14 @@ def pad_channels_last(x, pads):
 
 
 def images_per_chunk(xp, out_hw, kernel_size, plan):
-    """How many images to unfold at a time so that one chunk's im2col matrix is no larger than
-    plan.chunk_mib MiB (at least one image) and, but in the accelerator form (plan.whole),
-    than the padded input itself (up to 1 MiB of columns regardless). On a CPU small chunks
-    are reused from the heap; large ones are fresh mappings whose page faults cost more than
-    the gather (glibc maps anything above 32 MiB; batch-1024 layers had chunks of 100+ MB
-    before the cap, docs/conv_performance.md variant 2e). Accelerators take the whole batch
-    where it fits (plans.accelerator_chunk_mib)."""
+    """How many images to unfold at a time (at least one) so that one chunk's im2col matrix is
+    no larger than plan.chunk_mib MiB.
+
+    On the CPU (plan.whole off) no larger than the padded input itself either, up to 1 MiB of
+    columns regardless: small chunks are reused from the heap, while large ones are fresh
+    mappings whose page faults cost more than the gather (glibc maps anything above 32 MiB;
+    batch-1024 layers had chunks of 100+ MB before the cap, docs/conv_performance.md variant
+    2e). Accelerators take the whole batch where it fits (plans.accelerator_chunk_mib)."""
     (ho, wo), (kh, kw) = out_hw, kernel_size
     cols_per_image = ho * wo * kh * kw * xp.shape[1] * xp.element_size()
     budget = plan.chunk_mib * 2 ** 20
@@ -138,8 +139,8 @@ def unfold_matmul(xp, w_t, bias, out_hw, kernel_size, stride, dilation, groups, 
     xp: (N, C, Hp, Wp); w_t: (G, O/G, kh*kw*C/G) with columns ordered (kh, kw, C/G); bias (O,).
     Returns the output as rows (N*Ho*Wo, O), rows ordered (n, ho, wo), written into `out` where
     given (such rows, contiguous). The im2col matrix is built a chunk of images at a time
-    (`images_per_chunk`, at most plan.chunk_mib), so it never dominates memory; plan.onednn
-    picks the matmul op (`matmul_nt`)."""
+    (`images_per_chunk`, at most plan.chunk_mib: small on the CPU, on an accelerator up to
+    1/8 of its free memory); plan.onednn picks the matmul op (`matmul_nt`)."""
     ho, wo = out_hw
     if out is None:
         out = xp.new_empty((xp.shape[0] * ho * wo, w_t.shape[0] * w_t.shape[1]))

@@ -47,7 +47,7 @@ _SETTINGS = {"measure": None}   # None: as MEASURE_SWITCH says (on unless it is 
 
 
 @functools.lru_cache(maxsize=4096)
-def default_plan(x_shape, weight_shape, stride, pads, dilation, dtype, device_type):
+def default_plan(x_shape, weight_shape, stride, pads, dilation, dtype, device):
     """The fixed choice. On the CPU, from rules measured on an AMD EPYC
     (docs/conv_performance.md): oneDNN's matmul where it runs this dtype, the region split
     where it skips 10 % of the products, grad x by correlation unless the layer widens more
@@ -57,9 +57,9 @@ def default_plan(x_shape, weight_shape, stride, pads, dilation, dtype, device_ty
     GPU's speed, while caches matter less."""
     out_c, kernel = weight_shape[0], tuple(weight_shape[2:])
     correlate = stride == (1, 1) and out_c <= 2 * x_shape[1]
-    if device_type != "cpu":
+    if device.type != "cpu":
         return Plan(onednn=False, split=False, correlate=correlate,
-                    chunk_mib=accelerator_chunk_mib(device_type), whole=True)
+                    chunk_mib=accelerator_chunk_mib(device), whole=True)
     out_hw = output_hw(x_shape, kernel, stride, pads, dilation)
     regions = output_regions(x_shape[2:], kernel, stride, pads, dilation, out_hw)
     return Plan(onednn=onednn_matmul_available(dtype),
@@ -67,20 +67,20 @@ def default_plan(x_shape, weight_shape, stride, pads, dilation, dtype, device_ty
 
 
 ACCELERATOR_SHARE = 8        # an im2col chunk takes at most 1/8 of the free device memory
-UNKNOWN_FREE_MIB = 16 * 1024  # assumed free where the device cannot say (meta, mps)
+UNKNOWN_FREE_MIB = 8 * 1024   # assumed free where the device cannot say (meta, mps)
 
 
 @functools.lru_cache(maxsize=None)
-def accelerator_chunk_mib(device_type):
+def accelerator_chunk_mib(device):
     """The cap on one im2col chunk on an accelerator: ACCELERATOR_SHARE of the memory free on
-    the current device when its first conv runs (fast94's largest whole-batch im2col is
-    405 MiB at batch 1024 in bf16, fast96's 506 MiB). Read once per process: the caching
-    allocator keeps what it took, so later readings would mostly see the run's own tensors."""
-    backend = getattr(torch, device_type, None)
+    `device` when its first conv runs (fast94's largest whole-batch im2col is 405 MiB at batch
+    1024 in bf16, fast96's 506 MiB). Read once per device and process: the caching allocator
+    keeps what it took, so later readings would mostly see the run's own tensors."""
+    backend = getattr(torch, device.type, None)
     free = None
-    if backend is not None and hasattr(backend, "mem_get_info"):
+    if hasattr(backend, "mem_get_info"):
         try:
-            free = backend.mem_get_info()[0]
+            free = backend.mem_get_info(device)[0]
         except (RuntimeError, AssertionError):   # a build or driver that cannot tell
             free = None
     free_mib = UNKNOWN_FREE_MIB if free is None else free // 2 ** 20
@@ -117,8 +117,8 @@ def set_measuring(enabled):
 
 
 def chosen():
-    """This process's choices, {key: [onednn, split, correlate, chunk_mib, whole]}: plain values, so
-    that a checkpoint loads them with weights_only=True."""
+    """This process's choices, {key: [onednn, split, correlate, chunk_mib, whole]}: plain
+    values, so that a checkpoint loads them with weights_only=True."""
     return {key: list(plan) for key, plan in _CHOSEN.items()}
 
 
@@ -137,7 +137,7 @@ def plan_for(x, weight, bias, stride, pads, dilation, groups, conv):
     if key in _CHOSEN:
         return _CHOSEN[key]
     default = default_plan(tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(pads),
-                           tuple(dilation), x.dtype, x.device.type)
+                           tuple(dilation), x.dtype, x.device)
     if x.device.type != "cpu" or torch.jit.is_tracing() or not measuring():
         return default
     _CHOSEN[key] = fastest_plan(default, x, weight, bias, stride, pads, dilation, groups, conv)
