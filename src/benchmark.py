@@ -253,16 +253,17 @@ def peak_bytes(fn, device):
     return status("VmHWM") - base
 
 
-def cpu_peak_bytes(spec):
-    """{impl: peak bytes of one training step} for a layer spec, measured in a child process
-    whose glibc returns every large block to the system when it is freed (a fixed mmap
-    threshold), so that the resident set follows the live tensors. Timing runs in this process,
-    with the normal allocator, because fresh mappings cost page faults on every allocation."""
+def cpu_peak_bytes(specs):
+    """[{impl: peak bytes of one training step}] for a list of layer specs, measured in one
+    child process whose glibc returns every large block to the system when it is freed (a
+    fixed mmap threshold), so that the resident set follows the live tensors. Timing runs in
+    this process, with the normal allocator, because fresh mappings cost page faults on every
+    allocation."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak-of",
-                             json.dumps(spec)], capture_output=True, text=True, env=env)
+                             json.dumps(specs)], capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        return {"hand": None, "native": None}
+        return [{"hand": None, "native": None} for _ in specs]
     return json.loads(result.stdout)
 
 
@@ -319,7 +320,10 @@ def layer_step_functions(kwargs, in_shape, first, device, variant, dtype=None):
 
 
 def bench_conv_layer(kwargs, in_shape, first, device, warmup, repeats, variant="function",
-                     dtype=None):
+                     dtype=None, peaks=None):
+    """Median times of a layer's inference and training step, hand-written and native, and
+    their peak memory: `peaks` where given (the CPU's, from `cpu_peak_bytes`), else measured
+    here."""
     fns = layer_step_functions(kwargs, in_shape, first, device, variant, dtype)
     result = {}
     for kind, index in (("infer", 0), ("train", 1)):
@@ -332,26 +336,27 @@ def bench_conv_layer(kwargs, in_shape, first, device, warmup, repeats, variant="
                 times[impl].append(timed(fns[impl][index], device))
         for impl in fns:
             result[f"{impl}_{kind}"] = statistics.median(times[impl])
-    if device.type == "cpu":
-        peaks = cpu_peak_bytes({"kwargs": kwargs, "in_shape": in_shape, "first": first,
-                                "variant": variant, "bf16": dtype is not None})
-    else:
+    if peaks is None:
         peaks = {impl: peak_bytes(fns[impl][1], device) for impl in fns}
     result.update({f"{impl}_mem": peaks[impl] for impl in fns})
     return result
 
 
-def print_cpu_peaks(spec_json):
-    """The --peak-of child: one warm-up step, then the measured one, for each impl."""
-    spec = json.loads(spec_json)
-    fns = layer_step_functions(spec["kwargs"], spec["in_shape"], spec["first"],
-                               torch.device("cpu"), spec["variant"],
-                               torch.bfloat16 if spec["bf16"] else None)
-    peaks = {}
-    for impl, (_, train_step) in fns.items():
-        train_step()
-        peaks[impl] = peak_bytes(train_step, torch.device("cpu"))
-    print(json.dumps(peaks))
+def print_cpu_peaks(specs_json):
+    """The --peak-of child: for each layer spec, one warm-up step, then the measured one, for
+    each impl."""
+    results = []
+    for spec in json.loads(specs_json):
+        fns = layer_step_functions(spec["kwargs"], spec["in_shape"], spec["first"],
+                                   torch.device("cpu"), spec["variant"],
+                                   torch.bfloat16 if spec["bf16"] else None)
+        peaks = {}
+        for impl, (_, train_step) in fns.items():
+            train_step()
+            peaks[impl] = peak_bytes(train_step, torch.device("cpu"))
+        results.append(peaks)
+        del fns
+    print(json.dumps(results))
 
 
 def fmt_shape(kwargs, in_shape):
@@ -385,9 +390,15 @@ def layer_table(args, device, dtype, rows):
           "train hand ms | native ms | ratio | peak hand MiB | native MiB | ratio |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     infer_ratios, train_ratios = [], []
-    for label, kwargs, in_shape, first in tqdm(rows, desc="conv shapes", file=sys.stderr):
+    # On the CPU every shape's peak memory comes from one child process (see cpu_peak_bytes).
+    peaks = cpu_peak_bytes([{"kwargs": kwargs, "in_shape": in_shape, "first": first,
+                             "variant": args.hand_variant, "bf16": dtype is not None}
+                            for _, kwargs, in_shape, first in rows]) \
+        if device.type == "cpu" else [None] * len(rows)
+    for (label, kwargs, in_shape, first), peak in tqdm(list(zip(rows, peaks)),
+                                                       desc="conv shapes", file=sys.stderr):
         r = bench_conv_layer(kwargs, in_shape, first, device, args.warmup, args.repeats,
-                             args.hand_variant, dtype)
+                             args.hand_variant, dtype, peak)
         infer_ratios.append(r["hand_infer"] / r["native_infer"])
         train_ratios.append(r["hand_train"] / r["native_train"])
         mem = ("n/a | n/a | n/a" if r["hand_mem"] is None else

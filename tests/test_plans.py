@@ -195,14 +195,15 @@ def test_a_region_split_channels_last_layer_hands_contiguous_operands_in_every_p
 @pytest.mark.parametrize("name", NETWORKS)
 def test_no_network_is_past_three_times_native_in_either_layout(name):
     """A guard against cliffs, not against noise: one training step at batch 32, float32
-    (median of 3; Lite0 at 64 px), hand-written in both layouts against nn.Conv2d in
-    channels_last, in this process. On an Intel Xeon with AMX, benchmark.py measured 1.4x-2.6x
-    at batch 16 (Lite0 at 224 px), and fast96 in channels_last reached 3.0x at batch 8: at
-    small batches the conv's fixed costs weigh most. A step past 3x is measured once more
-    and fails only if it is past 3x again: a cliff (20-39x, docs/conv_performance.md) shows
-    every time, while a shared machine once put Lite0 (about 2x) at 3.003x for one median."""
+    (timed once after a warm-up step; Lite0 at 64 px), hand-written in both layouts against
+    nn.Conv2d in channels_last, in this process. On an Intel Xeon with AMX, benchmark.py
+    measured 1.4x-2.6x at batch 16 (Lite0 at 224 px), and fast96 in channels_last reached 3.0x
+    at batch 8: at small batches the conv's fixed costs weigh most. A step past 3x is measured
+    once more and fails only if it is past 3x again: a cliff (20-39x,
+    docs/conv_performance.md) shows every time, while a shared machine once put Lite0 (about
+    2x) at 3.003x for one median of 3."""
     for _ in range(2):
-        steps = network_steps(name, 32, torch.device("cpu"), None, 3, image_size=64)
+        steps = network_steps(name, 32, torch.device("cpu"), None, 1, image_size=64)
         native = steps["native channels_last"]
         slow = [label for label, _, _ in STEP_VARIANTS[:2] if steps[label] >= 3 * native]
         if not slow:
