@@ -34,9 +34,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
-from device import (CHOICES as DEVICES, describe, keep_freed_memory, pick_device, stopwatch,
-                    synchronize)
-from precision import CHOICES as PRECISIONS, autocast, pick_precision, disable_tf32
+from device import describe, keep_freed_memory, pick_device, stopwatch, synchronize
+from precision import autocast, disable_tf32, pick_precision
 from precision import describe as describe_precision
 from conv import Conv2d, conv2d_unfold_autograd
 from conv.functions import UnfoldMatmulConv
@@ -145,15 +144,29 @@ def random_epoch(n, device):
 
 
 def markdown(rows, unit_scale, unit, baseline):
+    """The table of a study's rows (name, seconds, first call's seconds, note); ratios to
+    `baseline` (eager's seconds; n/a where eager failed)."""
     lines = [f"| variant | {unit} | ratio to eager | first call s | note |",
              "|---|---:|---:|---:|---|"]
     for name, seconds, first, note in rows:
         if seconds is None:
             lines.append(f"| {name} | n/a | n/a | n/a | {note} |")
         else:
-            lines.append(f"| {name} | {seconds * unit_scale:.2f} | {seconds / baseline:.2f} | "
-                         f"{first:.2f} | {note} |")
+            ratio = "n/a" if baseline is None else f"{seconds / baseline:.2f}"
+            lines.append(f"| {name} | {seconds * unit_scale:.2f} | {ratio} | {first:.2f} | "
+                         f"{note} |")
     return "\n".join(lines)
+
+
+def fastest_line(rows):
+    """The study's last line: the fastest forward variant, and its ratio to eager."""
+    ran = [r for r in rows if r[1] is not None]
+    if not ran:
+        return "fastest forward: none ran"
+    best = min(ran, key=lambda r: r[1])
+    eager = rows[0][1]
+    return (f"fastest forward: {best[0]}" +
+            (f" at {best[1] / eager:.2f}x eager" if eager is not None else " (eager failed)"))
 
 
 def timing_study(args, device):
@@ -181,8 +194,7 @@ def timing_study(args, device):
         print(f"\nSeed net, one training epoch of {args.epoch_images} images, "
               f"batch {args.batch_size}\n")
         print(markdown(epoch_rows, 1, "s/epoch (first step excluded)", epoch_rows[0][1]))
-    best = min((r for r in rows if r[1] is not None), key=lambda r: r[1])
-    print(f"\nfastest forward: {best[0]} at {best[1] / rows[0][1]:.2f}x eager")
+    print(f"\n{fastest_line(rows)}")
     return {"forward": ratios_to_first(rows), "epoch": ratios_to_first(epoch_rows)
             if args.epoch_images else {}}
 
@@ -524,12 +536,10 @@ def conv_benchmark(args, device, dtype, why):
 
 def main(argv=None):
     p = cli.parser(__file__, __doc__)
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    cli.add_device_flags(p, "--conv: bf16 runs with channels_last, after the float32 "
+                            "network steps; the timing study runs float32")
     p.add_argument("--conv", action="store_true",
                    help="benchmark the hand-written conv against the native one")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="--conv: fp32, or bf16 autocast with channels_last (auto: bf16 on CUDA "
-                        "and on CPUs with AMX or AVX512-BF16); the timing study runs float32")
     p.add_argument("--batch-size", type=int,
                    help="default: 128 for the timing study, each model's preset for --conv")
     p.add_argument("--warmup", type=int, default=3)

@@ -3,6 +3,9 @@ import argparse
 import os
 import sys
 
+from device import CHOICES as DEVICES
+from precision import CHOICES as PRECISIONS
+
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors (unknown flag, bad value) are one line, not usage + error."""
@@ -15,6 +18,17 @@ def parser(script, doc):
     """The parser of `script` (its __file__), described by the first paragraph of `doc`; its
     name in messages is the script's, however it was started (python src/x.py, or main())."""
     return Parser(prog=os.path.basename(script), description=doc.split("\n\n")[0])
+
+
+def add_device_flags(p, precision_note="", precision_default="auto"):
+    """--device and --precision, as every script takes them; `precision_note` says what the
+    precision covers in this script."""
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="auto: cuda, then xpu, then mps, then cpu")
+    p.add_argument("--precision", default=precision_default, choices=PRECISIONS,
+                   help="fp32, or bf16: matmuls in bf16 under autocast; auto: bf16 on CUDA and "
+                        "on CPUs with AMX or AVX512-BF16, fp32 elsewhere"
+                        + (f"; {precision_note}" if precision_note else ""))
 
 
 def fail(message, code=2):

@@ -39,7 +39,7 @@ import cli
 from benchmark import conv_shapes, network, network_steps, peak_bytes, sgd_step
 from conv import conv2d_unfold
 from data import DataError, load_cifar, write_synthetic_cifar10
-from device import CHOICES as DEVICES, describe, pick_device
+from device import describe, pick_device
 from model import build_model
 from optim import Lookahead, make_optimizers, make_schedulers
 from precision import autocast, pick_precision, disable_tf32
@@ -63,7 +63,8 @@ RESUME_BOUND = {"cpu": 0.0, "accelerator": 1e-2}
 
 def get_args(argv=None):
     p = cli.parser(__file__, __doc__)
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    cli.add_device_flags(p, "of the training parts, memory and steps (the conv part runs "
+                            "both)")
     p.add_argument("--data-dir",
                    help="CIFAR-10 in its python layout (default: synthetic files in OUT)")
     p.add_argument("--out", help="results folder (default: runs/gpu-check-<timestamp>)")
@@ -254,35 +255,36 @@ def run_ok(name, *args):
     return out, err, seconds
 
 
-def training(data, device, size, out, *flags):
-    """The flags of a one-epoch fast94 run on `data` writing to `out`."""
+def training(data, where, size, out, *flags):
+    """The flags of a one-epoch fast94 run on `data` writing to `out`; `where`: its --device
+    and --precision."""
     return ("--preset", "fast94", "--epochs", "1", "--batch-size", size[0], "--data-dir", data,
-            "--device", device.type, "--out", out, *flags)
+            *where, "--out", out, *flags)
 
 
-def check_train(data, device, size, out):
+def check_train(data, where, size, out):
     """One epoch of fast94 with TTA, then the test-set report of inference.py on its weights."""
-    summary, _, seconds = run_ok("train", *training(data, device, size, out))
+    summary, _, seconds = run_ok("train", *training(data, where, size, out))
     report, _, _ = run_ok("inference", "--weights", os.path.join(out, "weights.pt"),
-                          "--data-dir", data, "--device", device.type, "--tta", "--json")
+                          "--data-dir", data, *where, "--tta", "--json")
     return {"train": summary.strip(), "seconds": seconds,
             "inference_accuracy": json.loads(report)["accuracy"]}
 
 
-def check_resume(data, device, size, out, straight):
+def check_resume(data, where, size, out, straight):
     """The `check_train` run stopped by SIGTERM once training has begun, resumed, and its final
     weights compared with the uninterrupted run's (`straight`, its folder)."""
     def started():      # TensorBoard's file: written once the run is set up
         return os.path.isdir(out) and any(f.startswith("events.") for f in os.listdir(out))
-    code, _, err, _ = script("train", *training(data, device, size, out), stop_when=started)
+    code, _, err, _ = script("train", *training(data, where, size, out), stop_when=started)
     stopped = last_line(err)
     if code != 128 + signal.SIGTERM:
         raise RuntimeError(f"the stopped run exited {code}: {stopped}")
-    run_ok("train", "--resume", out, "--device", device.type)
+    run_ok("train", "--resume", out, *where[:2])
     a, b = (torch.load(os.path.join(d, "weights.pt"), weights_only=True)["state_dict"]
             for d in (straight, out))
     diff = max(rel_err(b[k], a[k]) for k in a if a[k].is_floating_point())
-    bound = RESUME_BOUND["cpu" if device.type == "cpu" else "accelerator"]
+    bound = RESUME_BOUND["cpu" if where[1] == "cpu" else "accelerator"]
     if diff > bound:
         raise AssertionError(f"the resumed run's weights differ from the uninterrupted run's "
                              f"by {diff:.1e} (relative), over {bound:g}")
@@ -315,15 +317,16 @@ def run_part(part, args, device, dtype, size, data):
         return check_steps(device, size, dtype)
     if part == "syncs":
         return check_syncs(device, size, dtype)
+    where = ("--device", device.type, "--precision", args.precision)
     if part == "train":
-        return check_train(data, device, size, os.path.join(runs, "train"))
+        return check_train(data, where, size, os.path.join(runs, "train"))
     if part == "resume":
-        return check_resume(data, device, size, os.path.join(runs, "resume"),
+        return check_resume(data, where, size, os.path.join(runs, "resume"),
                             os.path.join(runs, "train"))
     if part == "cpu-resume":
         return check_cpu_resume(device, size, os.path.join(runs, "cpu-resume"))
     flags = ("--compile",) if part == "compile" else ("--optimizer", "muon")
-    summary, _, seconds = run_ok("train", *training(data, device, size,
+    summary, _, seconds = run_ok("train", *training(data, where, size,
                                                     os.path.join(runs, part), *flags))
     return {"train": summary.strip(), "seconds": seconds}
 
@@ -332,7 +335,7 @@ def main(argv=None):
     args = get_args(argv)
     try:
         device = pick_device(args.device, verbose=False)
-        dtype, why = pick_precision("auto", device)
+        dtype, _ = pick_precision(args.precision, device)
         size = SIZES["tiny" if args.tiny else "full"]
         os.makedirs(args.out, exist_ok=True)
         data = args.data_dir or os.path.join(args.out, "data")

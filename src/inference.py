@@ -14,9 +14,9 @@ import torch
 
 import cli
 from data import DataError, load_cifar, load_torch_file
-from device import CHOICES as DEVICES, describe, pick_device
+from device import describe, pick_device
 from conv import plans as conv_plans
-from precision import CHOICES as PRECISIONS, autocast, pick_precision
+from precision import autocast, pick_precision
 from precision import describe as describe_precision
 from checkpoint import intact_checkpoint
 from evaluate import TTA_LEVELS, predict_logits, test_report
@@ -33,10 +33,7 @@ def get_args(argv=None):
     p.add_argument("images", nargs="*", metavar="IMAGE", help="PNG/JPEG files (any size)")
     p.add_argument("--weights", default=os.path.normpath(DEFAULT_WEIGHTS))
     p.add_argument("--data-dir", default="data", help="where the dataset is (test-set report)")
-    p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="bf16: matmuls in bf16 under autocast; auto: bf16 on CUDA and on CPUs "
-                        "with AMX or AVX512-BF16, fp32 elsewhere")
+    cli.add_device_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--conv", default="hand", choices=("hand", "native"),
                    help="run the network with the hand-written conv or nn.Conv2d (same weights)")

@@ -38,7 +38,7 @@ def optimizer_groups(params, args, head=(), frozen_later=()):
                "weight_decay": wd / args.bias_lr_scale}]
     if head_ids:
         groups.append({"params": [p for _, p in params if id(p) in head_ids], "lr": lr,
-                       "weight_decay": wd})
+                       "weight_decay": wd, "head": True})
     if later_ids:
         groups.append({"params": list(frozen_later), "lr": lr, "weight_decay": wd,
                        "trains_epochs": args.whiten_bias_epochs})
@@ -89,6 +89,13 @@ def make_optimizers(model, args):
         optimizers.append(FilterMuon(filters, lr=args.muon_lr, momentum=MUON_MOMENTUM,
                                      nesterov=True, weight_decay=0.0))
     return optimizers
+
+
+def logged_lr(optimizers):
+    """The LR a run logs: the one --lr sets, as scheduled now. With --pretrained that is the
+    new head's; the backbone's is backbone_lr_scale of it."""
+    groups = optimizers[0].param_groups
+    return next((g["lr"] for g in groups if g.get("head")), groups[0]["lr"])
 
 
 def make_schedulers(optimizers, steps_per_epoch, args):

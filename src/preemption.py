@@ -33,7 +33,7 @@ def deferred_stop_signals():
             signal.signal(s, signal.SIG_IGN if received else handler)
 
 
-def stop_requested(received, device, check_in=True):
+def stop_signalled(received, device, check_in=True):
     """Whether a signal asked to stop; under torchrun, whether any rank got one (an all-reduce
     of one number), so that all ranks stop after the same step. Reading that number back waits
     for an accelerator's queued work, so there the ranks ask only at `check_in` steps (train.py:
@@ -46,7 +46,7 @@ def stop_requested(received, device, check_in=True):
         torch.tensor(float(len(received)), device=device)).item() > 0
 
 
-def stopped(received, out, where):
+def stop_error(received, out, where):
     """The `Stopped` to raise once the checkpoint of the step `where` is written."""
     name = signal.Signals(received[0]).name if received else "a signal to another rank"
     return Stopped(f"stopped by {name} {where}; {os.path.join(out, 'checkpoint.pt')} holds it: "

@@ -31,8 +31,8 @@ import cli
 import jobs
 from benchmark import network, random_epoch, train_epoch_seconds
 from data import DataError, load_cifar
-from device import CHOICES as DEVICES, keep_freed_memory, machine, pick_device
-from precision import CHOICES as PRECISIONS, pick_precision
+from device import keep_freed_memory, machine, pick_device
+from precision import pick_precision
 from presets import PRESETS
 from pretrained import BACKBONES, PretrainedError, lite_weights_file
 
@@ -43,11 +43,8 @@ def get_args(argv=None):
     p = cli.parser(__file__, __doc__)
     p.add_argument("--budget", type=float, default=600,
                    help="seconds for everything, calibration included (default 600)")
-    p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="of the training and conv-table jobs (auto: bf16 on CUDA and on CPUs "
-                        "with AMX or AVX512-BF16); the timing study and the shipped weights run "
-                        "float32")
+    cli.add_device_flags(p, "of the training and conv-table jobs; the timing study and the "
+                            "shipped weights run float32")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out", help="results folder (default: runs/reproduce-<timestamp>)")
     p.add_argument("--only", metavar="NAMES",

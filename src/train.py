@@ -31,8 +31,8 @@ from device import (describe, keep_freed_memory, machine, optimize_for_device, p
                     stopwatch)
 from evaluate import evaluate
 from model import FastNet, build_model
-from optim import Lookahead, make_optimizers, make_schedulers
-from preemption import Stopped, deferred_stop_signals, stop_requested, stopped
+from optim import Lookahead, logged_lr, make_optimizers, make_schedulers
+from preemption import Stopped, deferred_stop_signals, stop_error, stop_signalled
 from precision import (autocast as precision_autocast, cpu_bf16_unit, pick_precision,
                        disable_tf32)
 from precision import describe as describe_precision
@@ -61,8 +61,8 @@ def train(args, argv=()):
     """One training run, stopping at a step boundary on SIGTERM or SIGINT (see `Stopped`):
     set up, train epoch after epoch (each ending in a checkpoint), evaluate on the test set.
     `argv`: the command line's flags, for TensorBoard's card of the run."""
-    with deferred_stop_signals() as received:
-        run = SimpleNamespace(args=args, received=received, lock=None, writer=None,
+    with deferred_stop_signals() as signals:
+        run = SimpleNamespace(args=args, signals=signals, lock=None, writer=None,
                               argv=list(argv))
         try:
             set_up(run)
@@ -89,7 +89,7 @@ def set_up(run):
         restore(run)
     choose_conv_plans(run)
     set_up_step_model(run)
-    if run.main:
+    if run.is_main:
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
         run.writer = SummaryWriter(args.out)
         card = logs.run_card(args, run.argv, run.world, machine(run.device),
@@ -112,9 +112,9 @@ def set_up_device(run):
     args = run.args
     run.device = distributed.init(pick_device(args.device, verbose=False), args.dist_timeout)
     keep_freed_memory(run.device)
-    run.world, run.main = distributed.world_size(), distributed.is_main()
+    run.world, run.is_main = distributed.world_size(), distributed.is_main()
     # Only rank 0 talks (and writes files); the other ranks train silently beside it.
-    run.log = (lambda *a: print(*a, file=sys.stderr)) if run.main else (lambda *a: None)
+    run.log = (lambda *a: print(*a, file=sys.stderr)) if run.is_main else (lambda *a: None)
     if args.batch_size % run.world:
         raise ValueError(f"--batch-size {args.batch_size} (the global batch) does not split "
                          f"evenly over {run.world} processes")
@@ -147,7 +147,7 @@ def set_up_data(run, resume_file):
     tensors on the device, its normalisation, and the alternating flip's bits."""
     args, device = run.args, run.device
     run.data = load_cifar(args.data_dir, args.dataset)
-    if run.main:   # once the data is there, before anything is written
+    if run.is_main:   # once the data is there, before anything is written
         os.makedirs(args.out, exist_ok=True)
         run.lock = lock_run_folder(args.out)
         if run.ckpt is not None:
@@ -283,7 +283,7 @@ def choose_conv_plans(run):
                                 not args.no_conv_measure and conv_plans.measuring()):
         conv_plans.use({})          # every rank as rank 0 decides (its environment may differ)
         clock = stopwatch(run.device)
-        if run.main:
+        if run.is_main:
             run.model.eval()
             with torch.enable_grad(), run.autocast:
                 run.model(normalize(run.train_x[:args.batch_size // run.world], run.mean,
@@ -335,7 +335,7 @@ def train_epoch(run, epoch):
         loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     bar = tqdm(range(first, n_steps), desc=f"epoch {epoch + 1}/{args.epochs}", initial=first,
                total=n_steps, leave=False, file=sys.stderr, dynamic_ncols=True,
-               disable=not run.main)
+               disable=not run.is_main)
     for step in bar:
         x, y = training_batch(run.train_x, run.train_y,
                               perm[step * args.batch_size:(step + 1) * args.batch_size],
@@ -355,12 +355,12 @@ def train_epoch(run, epoch):
             running = loss_sum.item() / (step + 1)
             check_finite(run, running, epoch)
             bar.set_postfix(loss=f"{running:.3f}")
-        if step < n_steps - 1 and stop_requested(run.received, run.device, check_in):
+        if step < n_steps - 1 and stop_signalled(run.signals, run.device, check_in):
             bar.close()
             check_finite(run, loss_sum.item() / (step + 1), epoch)
             save_checkpoint(run, epoch - 1, {"steps": step + 1, "perm": perm.cpu(),
                                              "sums": [loss_sum.cpu(), correct.cpu()]})
-            raise stopped(run.received, args.out,
+            raise stop_error(run.signals, args.out,
                           f"in epoch {epoch + 1} after step {step + 1}/{n_steps}")
     bar.close()
     return loss_sum, correct, lr_used
@@ -394,7 +394,7 @@ def train_step(model, optimizers, schedulers, x, y, num_classes, smoothing, grad
     loss.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(training_parameters(model, optimizers), grad_clip)
-    lr_used = optimizers[0].param_groups[0]["lr"]
+    lr_used = logged_lr(optimizers)
     for opt, sched in zip(optimizers, schedulers):
         opt.step()
         sched.step()
@@ -432,8 +432,8 @@ def end_epoch(run, epoch, sums):
     if run.writer is not None:
         logs.write_scalars(run.writer, scalars, epoch + 1)
     save_checkpoint(run, epoch)
-    if stop_requested(run.received, run.device):
-        raise stopped(run.received, run.args.out, f"after epoch {epoch + 1}")
+    if stop_signalled(run.signals, run.device):
+        raise stop_error(run.signals, run.args.out, f"after epoch {epoch + 1}")
 
 
 def held_out_scalars(run, epoch):
@@ -457,7 +457,7 @@ def save_checkpoint(run, completed_epoch, partial=None):
     """Everything a resume needs (every rank calls it; rank 0 writes). `partial`: the steps,
     batch order and loss sums of a stopped epoch."""
     rng = rng_states(run.data_gen, distributed.all_gather(process_rng_state(run.device)))
-    if not run.main:
+    if not run.is_main:
         return
     ckpt = {"model": run.model.state_dict(),
             "optimizer": [opt.state_dict() for opt in run.optimizers],
@@ -495,7 +495,7 @@ def finish(run):
         test_loss, test_acc_plain = evaluate(model, run.test_x, run.test_y, run.mean, run.std) \
             if args.tta else (tta_loss, test_acc)
     weights_path = os.path.join(args.out, "weights.pt")
-    if run.main:
+    if run.is_main:
         atomic_save({"model": args.model, "dataset": args.dataset,
                      "classes": run.data["classes"], "mean": run.mean.tolist(),
                      "std": run.std.tolist(),

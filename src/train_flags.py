@@ -6,10 +6,8 @@ import time
 
 import cli
 from data import DATASETS
-from device import CHOICES as DEVICES
 from evaluate import TTA_LEVELS
 from model import MODELS
-from precision import CHOICES as PRECISIONS
 from presets import PRESETS
 from pretrained import BACKBONES
 
@@ -60,12 +58,8 @@ def make_parser():
                         "often as keeps it within 5 %% of the training time, every 2 epochs "
                         "on CIFAR; 0: never)")
     p.add_argument("--data-dir", default="data")
-    p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="bf16: matmuls in bf16 under autocast (weights, optimiser, BatchNorm "
-                        "statistics and loss stay float32); auto (default): bf16 on CUDA and on "
-                        "CPUs with AMX or AVX512-BF16, fp32 elsewhere; --resume: the run's own "
-                        "unless given")
+    cli.add_device_flags(p, "weights, optimiser, BatchNorm statistics and loss stay float32; "
+                            "default auto, with --resume the run's own", precision_default=None)
     p.add_argument("--no-conv-measure", action="store_true",
                    help="run every hand-written conv in its default variant instead of the "
                         "fastest measured at start-up (also: CIFAR_CONV_MEASURE=0); a resumed "

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import CPU_FP32, run_main, write_cifar10, write_cifar100
 from conv import Conv2d, Conv2dTFSame, swap_convs, tf_same_pads
-from optim import lr_factor, make_optimizers
+from optim import logged_lr, lr_factor, make_optimizers
 from pretrained import BACKBONES, PretrainedError, classifier, lite_state_dict, load_backbone
 from train_flags import get_args
 
@@ -87,6 +87,7 @@ def test_the_backbone_trains_slower_than_its_new_head():
     assert shifts["lr"] == pytest.approx(0.01)
     assert {id(p) for p in head["params"]} == {id(p) for p in model.net.classifier.parameters()}
     assert len(body["params"]) + len(shifts["params"]) + 2 == len(list(model.parameters()))
+    assert logged_lr([sgd]) == pytest.approx(0.05)       # the head's, which --lr sets
 
 
 def test_the_finetune_preset_alone_fine_tunes_its_backbone():

@@ -6,8 +6,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from benchmark import (conv_layers, conv_shapes, fmt_shape, network, random_epoch,
-                       train_epoch_seconds)
+from benchmark import (conv_layers, conv_shapes, fastest_line, fmt_shape, markdown, network,
+                       random_epoch, ratios_to_first, train_epoch_seconds)
 from conftest import run_main, run_script
 from model import MODELS
 from pretrained import BACKBONES
@@ -31,6 +31,19 @@ def test_benchmark_prints_markdown_tables_with_ratios(tmp_path):
     assert [f"{ratios['forward'][row.split('|')[1].strip()]:.2f}" for row in forward[:3]] == \
         [row.split("|")[3].strip() for row in forward[:3]]
     assert list(ratios["epoch"]) == ["eager"] and ratios["epoch"]["eager"] == 1
+
+
+def test_a_study_whose_eager_variant_failed_still_prints_its_table():
+    rows = [("eager", None, None, "RuntimeError: out of memory"),
+            ("torch.compile", 0.25, 9.5, ""), ("torch.jit.trace", 0.5, 1.0, "")]
+    assert markdown(rows, 1e3, "ms", None).splitlines()[2:] == [
+        "| eager | n/a | n/a | n/a | RuntimeError: out of memory |",
+        "| torch.compile | 250.00 | n/a | 9.50 |  |",
+        "| torch.jit.trace | 500.00 | n/a | 1.00 |  |"]
+    assert fastest_line(rows) == "fastest forward: torch.compile (eager failed)"
+    assert ratios_to_first(rows) == {"eager": None, "torch.compile": None,
+                                     "torch.jit.trace": None}
+    assert fastest_line(rows[:1]) == "fastest forward: none ran"
 
 
 def test_conv_benchmark_times_every_layer_shape_and_ends_with_the_geomeans(tmp_path):

@@ -20,7 +20,7 @@ from data import load_cifar, normalize
 from gpu_check import preset_step
 from model import build_model, whitening_filters
 from optim import lr_factor, make_optimizers, make_schedulers
-from preemption import deferred_stop_signals, stop_requested
+from preemption import deferred_stop_signals, stop_signalled
 from train import training_parameters
 from train_flags import get_args
 
@@ -410,7 +410,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(device, monkeypatch)
         step()
         if device == "meta":
             monkeypatch.setattr(distributed, "world_size", lambda: 2)
-            assert not stop_requested([], torch.device(device), check_in=False)
+            assert not stop_signalled([], torch.device(device), check_in=False)
     assert seen.reads == []
 
 
