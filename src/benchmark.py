@@ -536,7 +536,7 @@ def conv_benchmark(args, device, dtype, why):
 
 def main(argv=None):
     p = cli.parser(__file__, __doc__)
-    cli.add_device_flags(p, "--conv: bf16 runs with channels_last, after the float32 "
+    cli.add_device_flags(p, "With --conv, bf16 runs with channels_last, after the float32 "
                             "network steps; the timing study runs float32")
     p.add_argument("--conv", action="store_true",
                    help="benchmark the hand-written conv against the native one")

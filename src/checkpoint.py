@@ -106,24 +106,24 @@ def set_rng_states(states, data_gen, device, rank, world, reseed):
     """Restore the states of `rng_states` as far as this machine can; what it could not, in
     words (nothing on the device type and process count the run was saved with).
 
-    On another device type the generators of the device are re-seeded (from `reseed`: a CPU
-    generator's state is 5,056 bytes, a CUDA one's 16, and neither takes the other's); with
-    another number of processes every process's own generators are (rank r from reseed + r)."""
+    On another device type the generators of the device are re-seeded (the batch order's from
+    `reseed`; a CPU generator's state is 5,056 bytes, a CUDA one's 16, and neither takes the
+    other's); with another number of processes every process's own generators are (rank r's
+    from reseed + 1 + r)."""
     notes = []
-    saved_on = states.get("data_device", data_gen.device.type)
+    saved_on = states.get("data_device")          # None in files from before it was kept
     try:
-        if saved_on != data_gen.device.type:
+        if saved_on not in (None, data_gen.device.type):
             raise RuntimeError(saved_on)
         data_gen.set_state(states["data"])
     except RuntimeError:                # another device type's state: "wrong size"
         data_gen.manual_seed(reseed)
-        notes.append(f"the batch order's generator (saved on {saved_on}) re-seeded")
-    processes = states.get("processes") or [     # a file from before "processes": the CPU's
-        {"cpu": cpu, "device_type": "cpu", "device": None}
-        for cpu in states.get("torch_ranks") or [states["torch"]]]
+        notes.append(f"the batch order's generator (saved on "
+                     f"{saved_on or 'another device type'}) re-seeded")
+    processes = states.get("processes") or older_process_states(states)
     backend = accelerator_rng(device)
     if len(processes) != world:
-        torch.manual_seed(reseed + rank)          # the CPU's and every device's
+        torch.manual_seed(reseed + 1 + rank)      # the CPU's and every device's
         notes.append(f"the generators of {len(processes)} processes, now {world}, re-seeded")
         return notes
     own = processes[rank]
@@ -131,11 +131,21 @@ def set_rng_states(states, data_gen, device, rank, world, reseed):
     if backend is not None and own["device_type"] == device.type and own["device"] is not None:
         backend.set_rng_state(own["device"], device)
     elif backend is not None:
-        backend.manual_seed(reseed + rank)
+        backend.manual_seed(reseed + 1 + rank)
         notes.append(f"the {device.type} generator (saved on {own['device_type']}) re-seeded")
     elif own["device_type"] != device.type:
         notes.append(f"the {own['device_type']} generator left behind")
     return notes
+
+
+def older_process_states(states):
+    """`processes` for a file written before each process kept its own states: every rank's
+    CPU state ("torch_ranks", or rank 0's "torch") and, where the run had GPUs, the one with
+    the rank's index of rank 0's CUDA states."""
+    cuda = states.get("cuda", [])
+    return [{"cpu": cpu, "device_type": "cuda" if cuda else "cpu",
+             "device": cuda[i] if i < len(cuda) else None}
+            for i, cpu in enumerate(states.get("torch_ranks") or [states["torch"]])]
 
 
 def checkpoint_file(resume):

@@ -26,9 +26,9 @@ def add_device_flags(p, precision_note="", precision_default="auto"):
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto: cuda, then xpu, then mps, then cpu")
     p.add_argument("--precision", default=precision_default, choices=PRECISIONS,
-                   help="fp32, or bf16: matmuls in bf16 under autocast; auto: bf16 on CUDA and "
-                        "on CPUs with AMX or AVX512-BF16, fp32 elsewhere"
-                        + (f"; {precision_note}" if precision_note else ""))
+                   help="fp32 (on CUDA with TF32 off), or bf16: matmuls in bf16 under "
+                        "autocast; auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, "
+                        "fp32 elsewhere" + (f". {precision_note}" if precision_note else ""))
 
 
 def fail(message, code=2):

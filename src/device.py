@@ -109,11 +109,13 @@ def optimize_for_device(model, optimizers, device):
         return model, optimizers, None
     if problem is None and len(optimizers) > 1:
         problem = f"it takes one optimiser, this run has {len(optimizers)}"
+    if problem is None:
+        try:
+            import intel_extension_for_pytorch as ipex
+        except (ImportError, OSError) as e:     # a runtime library missing, say
+            problem = f"its import failed: {type(e).__name__}: {str(e).splitlines()[0]}"
     if problem is not None:
         return model, optimizers, f"intel_extension_for_pytorch not used: {problem}"
-    import intel_extension_for_pytorch as ipex
-    if not optimizers:
-        return ipex.optimize(model), optimizers, None
     model, optimizer = ipex.optimize(model, optimizer=optimizers[0])
     return model, [optimizer], None
 

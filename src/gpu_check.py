@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +48,20 @@ from train import augmentation, normalisation, train_step, training_batch
 from train_flags import get_args as train_args
 
 PARTS = ("conv", "memory", "steps", "syncs", "train", "resume", "cpu-resume", "compile", "muon")
-# Sizes: (training batch, steps timed, images per conv shape, synthetic images per data file,
-# the networks whose steps are timed)
-SIZES = {"full": (1024, 5, 8, 10_000, ("fast94", "fast96")), "tiny": (8, 1, 2, 16, ("fast94",))}
+class Size(NamedTuple):
+    """How large each part runs."""
+    batch: int              # of the training steps and runs
+    repeats: int            # timed steps per network
+    conv_images: int        # per conv shape of the conv part
+    per_file: int           # synthetic images per CIFAR data file
+    networks: tuple         # whose steps are timed; the last one's memory is measured
+    cpu_batch: int          # of the cpu-resume part's run on the CPU
+    step_bound: float       # hand-written / native past which a step is a cliff (as the tests'
+    #                         guard); none at a toy batch, where the conv's fixed costs weigh
+
+
+SIZES = {"full": Size(1024, 5, 8, 10_000, ("fast94", "fast96"), 32, 3.0),
+         "tiny": Size(8, 1, 2, 16, ("fast94",), 16, float("inf"))}
 # A part fails where the hand-written conv is further from float64 than this many times the
 # native conv's error, or than the dtype's floor, whichever is larger.
 ERROR_FACTOR, ERROR_FLOOR = 4, {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -63,8 +75,8 @@ RESUME_BOUND = {"cpu": 0.0, "accelerator": 1e-2}
 
 def get_args(argv=None):
     p = cli.parser(__file__, __doc__)
-    cli.add_device_flags(p, "of the training parts, memory and steps (the conv part runs "
-                            "both)")
+    cli.add_device_flags(p, "It applies to the training parts, memory and steps; the conv "
+                            "part runs both")
     p.add_argument("--data-dir",
                    help="CIFAR-10 in its python layout (default: synthetic files in OUT)")
     p.add_argument("--out", help="results folder (default: runs/gpu-check-<timestamp>)")
@@ -113,10 +125,11 @@ def conv_errors(kwargs, in_shape, device, dtype):
 def check_convs(device, size):
     """Every distinct conv layer of the presets' networks and one depthwise conv, in float32
     and bf16: the largest errors, and the shapes where the hand-written conv is off."""
-    shapes = [(kwargs, (size[2], *in_shape[1:])) for _, kwargs, in_shape, _ in conv_shapes(
-        ["seed", "fast94", "fast95", "fast96", "resnet18"], size[2], None)]
-    shapes.append((dict(in_channels=32, out_channels=32, kernel_size=3, stride=(1, 1),
-                        padding=(1, 1), dilation=(1, 1), groups=32), (size[2], 32, 16, 16)))
+    shapes = [(kwargs, (size.conv_images, *in_shape[1:])) for _, kwargs, in_shape, _ in conv_shapes(
+        ["seed", "fast94", "fast95", "fast96", "resnet18"], size.conv_images, None)]
+    depthwise = dict(in_channels=32, out_channels=32, kernel_size=3, stride=(1, 1),
+                     padding=(1, 1), dilation=(1, 1), groups=32)
+    shapes.append((depthwise, (size.conv_images, 32, 16, 16)))
     result = {"shapes": len(shapes), "off": []}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
@@ -165,25 +178,30 @@ def preset_step(preset, device, batch, autocast_ctx=contextlib.nullcontext()):
 def check_memory(device, size, dtype):
     """Peak memory (MiB) of one training step of fast96 (--tiny: fast94), hand-written and
     native."""
-    images = torch.randn(size[0], 3, 32, 32, device=device)
-    labels = torch.randint(0, 10, (size[0],), device=device)
+    images = torch.randn(size.batch, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (size.batch,), device=device)
     peaks = {}
     for conv in ("hand", "native"):
-        step = sgd_step(network(size[4][-1], conv).to(device), device, dtype)
+        step = sgd_step(network(size.networks[-1], conv).to(device), device, dtype)
         step(images, labels)
         peak = peak_bytes(lambda: step(images, labels), device)
         peaks[conv] = None if peak is None else round(peak / 2 ** 20, 1)
-    return {"network": size[4][-1], "batch": size[0], "peak_mib": peaks}
+    return {"network": size.networks[-1], "batch": size.batch, "peak_mib": peaks}
 
 
 def check_steps(device, size, dtype):
     """Median training-step times (ms) of fast94 and fast96 (--tiny: fast94), and hand /
     native."""
     result = {}
-    for name in size[4]:
+    for name in size.networks:
         ms = {k: round(v * 1e3, 2) for k, v in
-              network_steps(name, size[0], device, dtype, size[1]).items()}
+              network_steps(name, size.batch, device, dtype, size.repeats).items()}
         result[name] = {**ms, "ratio": round(ms["hand"] / ms["native channels_last"], 3)}
+    cliffs = [f"{name} {label}: {ms:.0f} ms against {r['native channels_last']:.0f} ms native"
+              for name, r in result.items() for label, ms in r.items()
+              if label.startswith("hand") and ms > size.step_bound * r["native channels_last"]]
+    if cliffs:
+        raise AssertionError(f"past {size.step_bound}x native: {'; '.join(cliffs)}")
     return result
 
 
@@ -191,7 +209,7 @@ def check_syncs(device, size, dtype):
     """Host-device syncs over three fast94 training steps, as CUDA's debug mode warns them."""
     if device.type != "cuda":
         return {"skipped": "CUDA only"}
-    step = preset_step("fast94", device, size[0], autocast(device, dtype))
+    step = preset_step("fast94", device, size.batch, autocast(device, dtype))
     step()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -236,6 +254,8 @@ def script(name, *args, stop_when=None):
         done.set()
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if code == 128 + signal.SIGINT:     # Ctrl-C: the user stops the check, not just this run
+        raise KeyboardInterrupt
     return code, out.getvalue(), err.getvalue(), round(time.perf_counter() - start, 1)
 
 
@@ -255,36 +275,40 @@ def run_ok(name, *args):
     return out, err, seconds
 
 
-def training(data, where, size, out, *flags):
-    """The flags of a one-epoch fast94 run on `data` writing to `out`; `where`: its --device
-    and --precision."""
-    return ("--preset", "fast94", "--epochs", "1", "--batch-size", size[0], "--data-dir", data,
-            *where, "--out", out, *flags)
+def training(data, device, precision, size, out, *flags):
+    """The flags of a one-epoch fast94 run on `data` writing to `out`."""
+    return ("--preset", "fast94", "--epochs", "1", "--batch-size", size.batch, "--data-dir", data,
+            "--device", device.type, "--precision", precision, "--out", out, *flags)
 
 
-def check_train(data, where, size, out):
+def check_train(data, device, precision, size, out):
     """One epoch of fast94 with TTA, then the test-set report of inference.py on its weights."""
-    summary, _, seconds = run_ok("train", *training(data, where, size, out))
+    summary, _, seconds = run_ok("train", *training(data, device, precision, size, out))
     report, _, _ = run_ok("inference", "--weights", os.path.join(out, "weights.pt"),
-                          "--data-dir", data, *where, "--tta", "--json")
+                          "--data-dir", data, "--device", device.type, "--precision",
+                          precision, "--tta", "--json")
     return {"train": summary.strip(), "seconds": seconds,
             "inference_accuracy": json.loads(report)["accuracy"]}
 
 
-def check_resume(data, where, size, out, straight):
+def check_resume(data, device, precision, size, out, straight):
     """The `check_train` run stopped by SIGTERM once training has begun, resumed, and its final
     weights compared with the uninterrupted run's (`straight`, its folder)."""
     def started():      # TensorBoard's file: written once the run is set up
         return os.path.isdir(out) and any(f.startswith("events.") for f in os.listdir(out))
-    code, _, err, _ = script("train", *training(data, where, size, out), stop_when=started)
+    code, _, err, _ = script("train", *training(data, device, precision, size, out),
+                             stop_when=started)
     stopped = last_line(err)
     if code != 128 + signal.SIGTERM:
         raise RuntimeError(f"the stopped run exited {code}: {stopped}")
-    run_ok("train", "--resume", out, *where[:2])
+    _, err, _ = run_ok("train", "--resume", out, "--device", device.type)
+    if "note: resumed on another machine" in err:
+        raise AssertionError("a resume on the same device re-seeded: " + next(
+            line for line in err.splitlines() if line.startswith("note: resumed")))
     a, b = (torch.load(os.path.join(d, "weights.pt"), weights_only=True)["state_dict"]
             for d in (straight, out))
     diff = max(rel_err(b[k], a[k]) for k in a if a[k].is_floating_point())
-    bound = RESUME_BOUND["cpu" if where[1] == "cpu" else "accelerator"]
+    bound = RESUME_BOUND["cpu" if device.type == "cpu" else "accelerator"]
     if diff > bound:
         raise AssertionError(f"the resumed run's weights differ from the uninterrupted run's "
                              f"by {diff:.1e} (relative), over {bound:g}")
@@ -295,8 +319,8 @@ def check_cpu_resume(device, size, out):
     """A fast94 run of 2 short epochs on the CPU (at most 320 images, batch 32), put back to its
     checkpoint after epoch 1 and resumed on `device`: its notes on what was re-seeded."""
     data = os.path.join(out, "data")
-    write_synthetic_cifar10(data, per_file=min(size[3], 64), n_test=32)
-    run_ok("train", "--preset", "fast94", "--epochs", "2", "--batch-size", 16 * len(size[4]),
+    write_synthetic_cifar10(data, per_file=min(size.per_file, 64), n_test=32)
+    run_ok("train", "--preset", "fast94", "--epochs", "2", "--batch-size", size.cpu_batch,
            "--data-dir", data, "--device", "cpu", "--out", out)
     shutil.copyfile(os.path.join(out, "checkpoint.prev.pt"), os.path.join(out, "checkpoint.pt"))
     summary, err, seconds = run_ok("train", "--resume", out, "--device", device.type)
@@ -317,16 +341,15 @@ def run_part(part, args, device, dtype, size, data):
         return check_steps(device, size, dtype)
     if part == "syncs":
         return check_syncs(device, size, dtype)
-    where = ("--device", device.type, "--precision", args.precision)
     if part == "train":
-        return check_train(data, where, size, os.path.join(runs, "train"))
+        return check_train(data, device, args.precision, size, os.path.join(runs, "train"))
     if part == "resume":
-        return check_resume(data, where, size, os.path.join(runs, "resume"),
+        return check_resume(data, device, args.precision, size, os.path.join(runs, "resume"),
                             os.path.join(runs, "train"))
     if part == "cpu-resume":
         return check_cpu_resume(device, size, os.path.join(runs, "cpu-resume"))
     flags = ("--compile",) if part == "compile" else ("--optimizer", "muon")
-    summary, _, seconds = run_ok("train", *training(data, where, size,
+    summary, _, seconds = run_ok("train", *training(data, device, args.precision, size,
                                                     os.path.join(runs, part), *flags))
     return {"train": summary.strip(), "seconds": seconds}
 
@@ -342,7 +365,7 @@ def main(argv=None):
         if args.data_dir:
             load_cifar(data, download=False)        # a missing copy: its one line, now
         else:
-            write_synthetic_cifar10(data, per_file=size[3], n_test=size[3] // 5)
+            write_synthetic_cifar10(data, per_file=size.per_file, n_test=size.per_file // 5)
     except (ValueError, DataError, OSError) as e:
         cli.fail(str(e))
     tf32 = disable_tf32(device)
@@ -351,23 +374,34 @@ def main(argv=None):
                "data": args.data_dir or "synthetic", "parts": {}}
     path = os.path.join(args.out, "gpu_check.json")
     parts = [p for p in PARTS if p not in args.skip.split(",")]
-    for part in tqdm(parts, desc="gpu check", file=sys.stderr):
-        start = time.perf_counter()
-        try:
-            if part == "resume" and "train" not in parts:
-                raise RuntimeError("it compares with the train part's run: do not skip that")
-            figures = {"ok": True, **run_part(part, args, device, dtype, size, data)}
-        except Exception as e:          # recorded; the other parts still run
-            figures = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
-        figures["seconds_total"] = round(time.perf_counter() - start, 1)
-        results["parts"][part] = figures
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
+    try:
+        for part in tqdm(parts, desc="gpu check", file=sys.stderr):
+            results["parts"][part] = timed_part(part, parts, args, device, dtype, size, data)
+            with open(path, "w") as f:
+                json.dump(results, f, indent=1)
+    except KeyboardInterrupt:
+        cli.fail(f"interrupted; the parts run so far are in {path}", 128 + signal.SIGINT)
     failed = [p for p, r in results["parts"].items() if not r["ok"]]
-    print(f"gpu check on {describe(device)}: {len(parts) - len(failed)} of {len(parts)} parts "
-          f"passed{' (failed: ' + ', '.join(failed) + ')' if failed else ''}; {path}")
+    skipped = [p for p, r in results["parts"].items() if "skipped" in r]
+    print(f"gpu check on {describe(device)}: {len(parts) - len(failed) - len(skipped)} of "
+          f"{len(parts)} parts passed"
+          + (f", {len(skipped)} skipped ({', '.join(skipped)})" if skipped else "")
+          + (f", failed: {', '.join(failed)}" if failed else "") + f"; {path}")
     if failed:
         sys.exit(1)
+
+
+def timed_part(part, parts, args, device, dtype, size, data):
+    """One part's figures, with "ok", its seconds, and the error that ended it, if one did."""
+    start = time.perf_counter()
+    try:
+        if part == "resume" and "train" not in parts:
+            raise RuntimeError("it compares with the train part's run: do not skip that")
+        figures = {"ok": True, **run_part(part, args, device, dtype, size, data)}
+    except Exception as e:          # recorded; the other parts still run
+        figures = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    figures["seconds_total"] = round(time.perf_counter() - start, 1)
+    return figures
 
 
 if __name__ == "__main__":

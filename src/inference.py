@@ -16,7 +16,7 @@ import cli
 from data import DataError, load_cifar, load_torch_file
 from device import describe, pick_device
 from conv import plans as conv_plans
-from precision import autocast, pick_precision
+from precision import autocast, disable_tf32, pick_precision
 from precision import describe as describe_precision
 from checkpoint import intact_checkpoint
 from evaluate import TTA_LEVELS, predict_logits, test_report
@@ -142,6 +142,8 @@ def main(argv=None):
         # Every input is checked before anything is printed.
         device = pick_device(args.device, verbose=False)
         dtype, why = pick_precision(args.precision, device)
+        tf32 = disable_tf32(device) if dtype is None else ""
+        why += f"; {tf32}" if tf32 else ""
         conv_plans.measuring()              # a bad CIFAR_CONV_MEASURE: its one line, now
         model, weights = load_weights(args.weights, args.conv)
         tta = tta_level(args.tta, weights)

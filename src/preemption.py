@@ -1,5 +1,6 @@
 """Preemption: SIGTERM and SIGINT (a cluster taking the machine back, Ctrl-C) stop a run at the
-next step boundary, on every rank under torchrun, once a checkpoint of that step is written."""
+next step boundary (under torchrun on GPUs: the next check-in step, at most 20 steps on), on
+every rank, once a checkpoint of that step is written."""
 import contextlib
 import os
 import signal
@@ -20,7 +21,7 @@ class Stopped(Exception):
 @contextlib.contextmanager
 def deferred_stop_signals():
     """While training runs, SIGTERM and SIGINT (a cluster preempting the job, Ctrl-C) only
-    record themselves in the yielded list: the loop stops at the next step boundary, once a
+    record themselves in the yielded list: the loop stops at the next step it checks, once a
     checkpoint of that step is on disk. A second signal while it saves changes nothing, nor
     one on the way out: once a signal has come, the process ignores them until it exits."""
     received = []

@@ -43,8 +43,8 @@ def get_args(argv=None):
     p = cli.parser(__file__, __doc__)
     p.add_argument("--budget", type=float, default=600,
                    help="seconds for everything, calibration included (default 600)")
-    cli.add_device_flags(p, "of the training and conv-table jobs; the timing study and the "
-                            "shipped weights run float32")
+    cli.add_device_flags(p, "It applies to the training and conv-table jobs; the timing study "
+                            "and the shipped weights run float32")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out", help="results folder (default: runs/reproduce-<timestamp>)")
     p.add_argument("--only", metavar="NAMES",

@@ -22,8 +22,9 @@ from tqdm import tqdm
 import cli
 import distributed
 import logs
-from checkpoint import (atomic_save, flags_of_resumed_run, lock_run_folder, process_rng_state,
-                        rng_states, set_aside_other_checkpoint, set_rng_states)
+from checkpoint import (accelerator_rng, atomic_save, flags_of_resumed_run, lock_run_folder,
+                        process_rng_state, rng_states, set_aside_other_checkpoint,
+                        set_rng_states)
 from conv import plans as conv_plans
 from data import (DataError, augment, channel_stats, load_cifar, normalize, one_hot,
                   stratified_split)
@@ -308,7 +309,8 @@ def set_up_step_model(run):
     saved = {k: v.clone() for k, v in run.model.state_dict().items()}
     compile_clock = stopwatch(run.device)
     # The warm-up's dropout draws leave the RNG as they found it: a resume stays exact.
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []), \
+    with torch.random.fork_rng(devices=[run.device] if accelerator_rng(run.device) else [],
+                               device_type=run.device.type), \
             run.autocast:
         run.step_model(normalize(run.train_x[:args.batch_size // run.world], run.mean, run.std)
                        ).float().sum().backward()

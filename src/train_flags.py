@@ -58,7 +58,7 @@ def make_parser():
                         "often as keeps it within 5 %% of the training time, every 2 epochs "
                         "on CIFAR; 0: never)")
     p.add_argument("--data-dir", default="data")
-    cli.add_device_flags(p, "weights, optimiser, BatchNorm statistics and loss stay float32; "
+    cli.add_device_flags(p, "Weights, optimiser, BatchNorm statistics and loss stay float32; "
                             "default auto, with --resume the run's own", precision_default=None)
     p.add_argument("--no-conv-measure", action="store_true",
                    help="run every hand-written conv in its default variant instead of the "

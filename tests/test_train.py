@@ -414,6 +414,25 @@ def test_a_training_step_reads_nothing_back_from_the_device(device, monkeypatch)
     assert seen.reads == []
 
 
+def test_a_checkpoint_from_before_each_process_kept_its_states_resumes_exactly(cifar10_dir,
+                                                                               tmp_path):
+    """Its random states as the repo wrote them until 2026-12: the CPU's and the batch order's
+    alone. The resume restores both and has nothing to say."""
+    out = tmp_path / "run"
+    args = ["--epochs", "2", "--data-dir", cifar10_dir, *TINY]
+    assert run_main("train.py", *args, "--out", tmp_path / "straight").returncode == 0
+    assert run_main("train.py", *args, "--out", out).returncode == 0
+    ckpt = torch.load(out / "checkpoint.prev.pt", weights_only=True)      # after epoch 1
+    ckpt["rng"] = {"torch": ckpt["rng"]["processes"][0]["cpu"], "data": ckpt["rng"]["data"]}
+    torch.save(ckpt, out / "checkpoint.pt")
+    result = run_main("train.py", "--resume", out, *CPU_FP32)
+    assert result.returncode == 0, result.stderr
+    assert "note:" not in result.stderr
+    a, b = (torch.load(d / "weights.pt", weights_only=True)["state_dict"]
+            for d in (tmp_path / "straight", out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("processes, note", [
     (1, "the batch order's generator (saved on cuda) re-seeded; the cuda generator left behind"),
     (3, "the batch order's generator (saved on cuda) re-seeded; the generators of 3 processes, "
@@ -423,7 +442,8 @@ def test_a_run_saved_on_gpus_resumes_on_the_cpu_and_says_what_it_reseeded(proces
     """The checkpoint of a run on 1 or 3 GPUs, crafted from a CPU run's: the batch-order
     generator and each process's GPU generator in CUDA's format (16 bytes). A CUDA machine must
     still confirm the other way round (a CPU run resumed with --device cuda, the GPU generators
-    re-seeded) and that a GPU run's own states load there (gpu_check.py)."""
+    re-seeded: gpu_check.py's cpu-resume part) and that a GPU run's own states load there
+    (a run with dropout: fast94, which gpu_check.py resumes, draws nothing from them)."""
     out = tmp_path / "run"
     result = run_main("train.py", "--epochs", "2", "--data-dir", cifar10_dir, "--out", out,
                       *TINY)
