@@ -4,6 +4,7 @@ user's would; the others call main() in this one (conftest.run_main)."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -414,22 +415,39 @@ def test_a_training_step_reads_nothing_back_from_the_device(device, monkeypatch)
     assert seen.reads == []
 
 
-def test_a_checkpoint_from_before_each_process_kept_its_states_resumes_exactly(cifar10_dir,
-                                                                               tmp_path):
-    """Its random states as the repo wrote them until 2026-12: the CPU's and the batch order's
-    alone. The resume restores both and has nothing to say."""
+@pytest.fixture(scope="module")
+def two_epoch_seed_run(tmp_path_factory):
+    """A finished 2-epoch seed run on synthetic data: (its folder, the data folder)."""
+    root = tmp_path_factory.mktemp("two-epochs")
+    data = str(root / "data")
+    write_cifar10(data)
+    result = run_main("train.py", "--epochs", "2", "--data-dir", data, "--out", root / "run",
+                      *TINY)
+    assert result.returncode == 0, result.stderr
+    return root / "run", data
+
+
+def resumed_from_epoch_1(run, tmp_path, rng):
+    """`run` resumed after its first epoch, in a copy, with its checkpoint's random states
+    replaced by `rng(states)`: (the CompletedProcess, the copy's folder)."""
     out = tmp_path / "run"
-    args = ["--epochs", "2", "--data-dir", cifar10_dir, *TINY]
-    assert run_main("train.py", *args, "--out", tmp_path / "straight").returncode == 0
-    assert run_main("train.py", *args, "--out", out).returncode == 0
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns(".lock", "weights.pt"))
     ckpt = torch.load(out / "checkpoint.prev.pt", weights_only=True)      # after epoch 1
-    ckpt["rng"] = {"torch": ckpt["rng"]["processes"][0]["cpu"], "data": ckpt["rng"]["data"]}
+    ckpt["rng"] = rng(ckpt["rng"])
     torch.save(ckpt, out / "checkpoint.pt")
-    result = run_main("train.py", "--resume", out, *CPU_FP32)
+    return run_main("train.py", "--resume", out, *CPU_FP32), out
+
+
+def test_a_checkpoint_from_before_each_process_kept_its_states_resumes_exactly(
+        two_epoch_seed_run, tmp_path):
+    """Its random states as the repo wrote them until 2026-12: the CPU's and the batch order's
+    alone. The resume restores both, ends with the run's own weights and has nothing to say."""
+    run, _ = two_epoch_seed_run
+    result, out = resumed_from_epoch_1(run, tmp_path, lambda states: {
+        "torch": states["processes"][0]["cpu"], "data": states["data"]})
     assert result.returncode == 0, result.stderr
     assert "note:" not in result.stderr
-    a, b = (torch.load(d / "weights.pt", weights_only=True)["state_dict"]
-            for d in (tmp_path / "straight", out))
+    a, b = (torch.load(d / "weights.pt", weights_only=True)["state_dict"] for d in (run, out))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -438,23 +456,18 @@ def test_a_checkpoint_from_before_each_process_kept_its_states_resumes_exactly(c
     (3, "the batch order's generator (saved on cuda) re-seeded; the generators of 3 processes, "
         "now 1, re-seeded")])
 def test_a_run_saved_on_gpus_resumes_on_the_cpu_and_says_what_it_reseeded(processes, note,
-                                                                         cifar10_dir, tmp_path):
+                                                                         two_epoch_seed_run,
+                                                                         tmp_path):
     """The checkpoint of a run on 1 or 3 GPUs, crafted from a CPU run's: the batch-order
     generator and each process's GPU generator in CUDA's format (16 bytes). A CUDA machine must
     still confirm the other way round (a CPU run resumed with --device cuda, the GPU generators
     re-seeded: gpu_check.py's cpu-resume part) and that a GPU run's own states load there
     (a run with dropout: fast94, which gpu_check.py resumes, draws nothing from them)."""
-    out = tmp_path / "run"
-    result = run_main("train.py", "--epochs", "2", "--data-dir", cifar10_dir, "--out", out,
-                      *TINY)
-    assert result.returncode == 0, result.stderr
-    ckpt = torch.load(out / "checkpoint.prev.pt", weights_only=True)      # after epoch 1
     cuda_state = torch.zeros(16, dtype=torch.uint8)
-    cpu_state = ckpt["rng"]["processes"][0]["cpu"]
-    ckpt["rng"].update(data=cuda_state, data_device="cuda", processes=[
-        {"cpu": cpu_state, "device_type": "cuda", "device": cuda_state}] * processes)
-    torch.save(ckpt, out / "checkpoint.pt")
-    result = run_main("train.py", "--resume", out, *CPU_FP32)
+    result, _ = resumed_from_epoch_1(two_epoch_seed_run[0], tmp_path, lambda states: {
+        **states, "data": cuda_state, "data_device": "cuda", "processes": [
+            {"cpu": states["processes"][0]["cpu"], "device_type": "cuda",
+             "device": cuda_state}] * processes})
     assert result.returncode == 0, result.stderr
     assert (f"note: resumed on another machine: {note}; the run goes on, with other random "
             f"draws than an uninterrupted one\n") in result.stderr
