@@ -39,6 +39,7 @@ from tqdm import tqdm
 import cli
 from benchmark import conv_shapes, network, network_steps, peak_bytes, sgd_step
 from conv import conv2d_unfold
+from conv.layers import explicit_padding
 from data import DataError, load_cifar, write_synthetic_cifar10
 from device import describe, pick_device
 from model import build_model
@@ -48,6 +49,8 @@ from train import augmentation, normalisation, train_step, training_batch
 from train_flags import get_args as train_args
 
 PARTS = ("conv", "memory", "steps", "syncs", "train", "resume", "cpu-resume", "compile", "muon")
+
+
 class Size(NamedTuple):
     """How large each part runs."""
     batch: int              # of the training steps and runs
@@ -92,7 +95,8 @@ def get_args(argv=None):
 
 
 def rel_err(a, b):
-    """max |a - b| / max |b|, a and b on the CPU in float64."""
+    """max |a - b| / max |b|, computed on the CPU in float64: the tolerance measure of the
+    conv part and of the tests."""
     a, b = a.double().cpu(), b.double().cpu()
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
@@ -107,14 +111,14 @@ def conv_errors(kwargs, in_shape, device, dtype):
     x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64)
                for s in (in_shape, w_shape, (out_c,)))
     x, w, b = (t.to(dtype).double() for t in (x, w, b))      # the values both sides see
-    padding = kwargs["padding"]
-    if padding == "same":        # odd kernels here: the same padding on both sides
-        padding = tuple(d * (kk - 1) // 2 for kk, d in zip(k, kwargs["dilation"]))
-    conv_args = (kwargs["stride"], padding, kwargs["dilation"], kwargs["groups"])
+    # F.conv2d takes the layer's padding as it is ('same' too), the hand-written conv as
+    # (left, right, top, bottom).
+    padding = {F.conv2d: kwargs["padding"],
+               conv2d_unfold: explicit_padding(kwargs["padding"], k, kwargs["dilation"])}
 
     def outputs(conv, on, of):
         leaves = [t.to(on, of, copy=True).requires_grad_() for t in (x, w, b)]
-        y = conv(*leaves, *conv_args)
+        y = conv(*leaves, kwargs["stride"], padding[conv], kwargs["dilation"], kwargs["groups"])
         y.backward(torch.ones_like(y) / y.numel() ** 0.5)
         return [y.detach()] + [t.grad for t in leaves]
     reference = outputs(F.conv2d, "cpu", torch.float64)

@@ -118,11 +118,6 @@ def run_script(script, *args, cwd=None, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def rel_err(a, b):
-    """max |a - b| / max |b|: the tolerance measure of the numerical tests."""
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
-
-
 # A fast94 run on 200 synthetic images, 4 steps of 50 an epoch; 4 epochs: the whitening bias
 # trains for 3 of them, then stops.
 FAST94_RUN = ["--preset", "fast94", "--epochs", "4", "--batch-size", "50", *CPU_FP32]

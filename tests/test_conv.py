@@ -10,11 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from conftest import rel_err
 from conv import Conv2d, conv2d_unfold, conv2d_unfold_autograd, plans, swap_convs
 from conv.im2col import (ONEDNN_MATMUL_SWITCH, images_per_chunk, matmul_nt,
                          onednn_matmul_available)
 from conv.regions import conv_source
+from gpu_check import rel_err
 from model import build_model
 
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from conftest import rel_err
 from conv import Conv2d, swap_convs
+from gpu_check import rel_err
 
 
 def module_db_samples():

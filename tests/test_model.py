@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import rel_err
 from conv import Conv2d
+from gpu_check import rel_err
 from model import MODELS, SeedNet, build_model, dirac_conv, whitening_filters
 
 

@@ -85,8 +85,9 @@ def onednn_matmul_available(dtype):
     return dtype == torch.float32
 
 
-def matmul_nt(a, b_t, bias=None, onednn=True):
-    """a @ b_t.T (+ bias) for 2-D a (m, k) and b_t (n, k).
+def matmul_nt(a, b_t, bias=None, onednn=True, out=None):
+    """a @ b_t.T (+ bias) for 2-D a (m, k) and b_t (n, k), written into `out` (m, n) where
+    given: torch.mm/addmm write there directly, oneDNN's op returns a tensor that is copied.
 
     onednn: float32 and bf16 on the CPU go through oneDNN's matmul (the
     `mkldnn._linear_pointwise` op that torch.compile itself emits for linear layers): where
@@ -100,8 +101,11 @@ def matmul_nt(a, b_t, bias=None, onednn=True):
     and torch.export never get here (`functions._apply_conv`)."""
     if (onednn and a.device.type == "cpu" and a.is_contiguous() and b_t.is_contiguous()
             and onednn_matmul_available(a.dtype) and not torch.jit.is_tracing()):
-        return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
-    return torch.mm(a, b_t.t()) if bias is None else torch.addmm(bias, a, b_t.t())
+        y = torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
+        return y if out is None else out.copy_(y)
+    if bias is None:
+        return torch.mm(a, b_t.t(), out=out)
+    return torch.addmm(bias, a, b_t.t(), out=out)
 
 
 def accumulator(dtype):
@@ -147,7 +151,7 @@ def unfold_matmul(xp, w_t, bias, out_hw, kernel_size, stride, dilation, groups, 
     for start, cols in column_chunks(xp, kernel_size, stride, dilation, groups, out_hw, plan):
         rows = out[start:start + cols.shape[1]]
         if groups == 1:
-            rows.copy_(matmul_nt(cols[0], w_t[0], bias, plan.onednn))
+            matmul_nt(cols[0], w_t[0], bias, plan.onednn, rows)
         else:
             rows.view(-1, groups, w_t.shape[1]).copy_(
                 torch.bmm(cols, w_t.transpose(1, 2)).transpose(0, 1))

@@ -38,7 +38,7 @@ class Conv2d(nn.Module):
             if padding == "same" and self.stride != (1, 1):
                 raise ValueError("padding='same' is not supported for strided convolutions")
         self.padding = padding if isinstance(padding, str) else _pair(padding)
-        self.pads = self._explicit_padding()
+        self.pads = explicit_padding(self.padding, self.kernel_size, self.dilation)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(
             (out_channels, in_channels // groups, *self.kernel_size), **factory))
@@ -53,20 +53,6 @@ class Conv2d(nn.Module):
             if fan_in:
                 bound = 1 / math.sqrt(fan_in)
                 nn.init.uniform_(self.bias, -bound, bound)
-
-    @torch.jit.unused
-    def _explicit_padding(self):
-        """(left, right, top, bottom); 'same' puts the odd pixel right/bottom as PyTorch does."""
-        if self.padding == "valid":
-            return (0, 0, 0, 0)
-        if self.padding == "same":
-            pads = []
-            for d, k in zip(self.dilation[::-1], self.kernel_size[::-1]):
-                total = d * (k - 1)
-                pads += [total // 2, total - total // 2]
-            return tuple(pads)
-        ph, pw = self.padding
-        return (pw, pw, ph, ph)
 
     def forward(self, x):
         pads = self.pads
@@ -89,6 +75,21 @@ class Conv2d(nn.Module):
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode}"
         return s + ("" if self.bias is not None else ", bias=False")
+
+
+def explicit_padding(padding, kernel_size, dilation):
+    """nn.Conv2d's `padding` (a pair, 'same' or 'valid') as (left, right, top, bottom); 'same'
+    puts the odd pixel right/bottom as PyTorch does."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        pads = []
+        for d, k in zip(dilation[::-1], kernel_size[::-1]):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    ph, pw = padding
+    return (pw, pw, ph, ph)
 
 
 def replace_module(net, name, module):
