@@ -37,14 +37,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
-from benchmark import conv_shapes, network, network_steps, peak_bytes, sgd_step
 from conv import conv2d_unfold
 from conv.layers import explicit_padding
+from conv_benchmark import conv_shapes, network, network_steps
 from data import DataError, load_cifar, write_synthetic_cifar10
 from device import describe, pick_device
 from model import build_model
 from optim import Lookahead, make_optimizers, make_schedulers
-from precision import autocast, pick_precision, disable_tf32
+from precision import autocast, disable_tf32, pick_precision
+from timing import peak_bytes, sgd_step
 from train import augmentation, normalisation, train_step, training_batch
 from train_flags import get_args as train_args
 

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 import cli
 import jobs
-from benchmark import network, random_epoch, train_epoch_seconds
+from conv_benchmark import network
+from timing import random_epoch, train_epoch_seconds
 from data import DataError, load_cifar
 from device import keep_freed_memory, machine, pick_device
 from precision import pick_precision

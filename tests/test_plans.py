@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmark import STEP_VARIANTS, network, network_steps
+from conv_benchmark import STEP_VARIANTS, network, network_steps
 from conftest import run_main, write_cifar10
 from conv import Conv2d, plans
 from conv.functions import UnfoldMatmulConv

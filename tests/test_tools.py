@@ -6,8 +6,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from benchmark import (conv_layers, conv_shapes, fastest_line, fmt_shape, markdown, network,
-                       random_epoch, ratios_to_first, train_epoch_seconds)
+from benchmark import fastest_line, markdown, ratios_to_first
+from conv_benchmark import conv_layers, conv_shapes, fmt_shape, network
+from timing import random_epoch, train_epoch_seconds
 from conftest import run_main, run_script
 from model import MODELS
 from pretrained import BACKBONES
