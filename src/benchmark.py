@@ -177,7 +177,8 @@ def main(argv=None):
     p.add_argument("--json", metavar="FILE",
                    help="also write the ratios (hand/native, or each variant/eager) as JSON")
     p.add_argument("--peak-of", help=argparse.SUPPRESS)   # internal: cpu_peak_bytes' child
-    p.add_argument("--hand-variant", default="function", choices=sorted(conv_benchmark.HAND_VARIANTS),
+    p.add_argument("--hand-variant", default="function",
+                   choices=sorted(conv_benchmark.HAND_VARIANTS),
                    help="--conv: which formulation of the hand-written conv to time per layer")
     args = p.parse_args(argv)
     unknown = set(args.variants.split(",")) - set(VARIANTS) - {""}

@@ -1,16 +1,51 @@
-"""A run's checkpoints: written atomically with the previous one kept, read back (offering
-the previous one when the latest is corrupt), the flags a resume may change, the RNG states
-that make a resume exact, and the lock that keeps two runs out of one folder."""
+"""A run's checkpoints: what one holds (`Checkpoint`, the one description of the format), written
+atomically with the previous one kept, read back (offering the previous one when the latest is
+corrupt), the flags a resume may change, the RNG states that make a resume exact, and the lock
+that keeps two runs out of one folder."""
+import argparse
 import contextlib
+import dataclasses
 import os
 import shutil
 
 import torch
 
+import distributed
 from data import DataError, load_torch_file
 
 
+@dataclasses.dataclass
+class Checkpoint:
+    """Everything a resume needs; checkpoint.pt is a dict of these fields."""
+    model: dict            # the network's state_dict
+    optimizer: list        # each optimiser's state_dict: [SGD], or [SGD, Muon]
+    scheduler: list        # each optimiser's LR schedule's state_dict
+    epoch: int             # the last epoch completed, counted from 0 (-1: none yet)
+    rng: dict              # `rng_states`: the batch order's and every process's generators
+    args: dict             # the run's flags
+    train_size: int        # training images: a resume on other data is refused
+    lookahead: dict        # the lookahead's slow weights ({} without lookahead)
+    conv_plans: dict       # the conv variants the run chose (conv/plans.py), kept on a resume
+    precision: str         # "bf16" or "fp32": what a resume with --precision auto runs in
+    partial: dict | None   # a stop within an epoch: its steps, batch order and loss sums
+
+
+# What marks a file as a training checkpoint (of any version of the repo).
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "rng", "args")
+
+
+def save_checkpoint(ckpt, folder):
+    """FOLDER/checkpoint.pt, written atomically, the previous one kept beside it."""
+    atomic_save(vars(ckpt), os.path.join(folder, "checkpoint.pt"), keep_previous=True)
+
+
+def as_checkpoint(saved, path):
+    """The `Checkpoint` of a loaded file; a file of another layout is one line."""
+    names = {f.name for f in dataclasses.fields(Checkpoint)}
+    if set(saved) != names or "processes" not in saved["rng"]:
+        raise DataError(f"{path} was written by another version of train.py (another "
+                        f"checkpoint layout): it cannot resume here; start a new run")
+    return Checkpoint(**saved)
 
 
 def atomic_save(obj, path, keep_previous=False):
@@ -110,17 +145,12 @@ def set_rng_states(states, data_gen, device, rank, world, reseed):
     `reseed`; a CPU generator's state is 5,056 bytes, a CUDA one's 16, and neither takes the
     other's); with another number of processes every process's own generators are (rank r's
     from reseed + 1 + r)."""
-    notes = []
-    saved_on = states.get("data_device")          # None in files from before it was kept
-    try:
-        if saved_on not in (None, data_gen.device.type):
-            raise RuntimeError(saved_on)
+    notes, saved_on, processes = [], states["data_device"], states["processes"]
+    if saved_on == data_gen.device.type:
         data_gen.set_state(states["data"])
-    except RuntimeError:                # another device type's state: "wrong size"
+    else:                               # another device type's state does not fit
         data_gen.manual_seed(reseed)
-        notes.append(f"the batch order's generator (saved on "
-                     f"{saved_on or 'another device type'}) re-seeded")
-    processes = states.get("processes") or older_process_states(states)
+        notes.append(f"the batch order's generator (saved on {saved_on}) re-seeded")
     backend = accelerator_rng(device)
     if len(processes) != world:
         torch.manual_seed(reseed + 1 + rank)      # the CPU's and every device's
@@ -138,14 +168,26 @@ def set_rng_states(states, data_gen, device, rank, world, reseed):
     return notes
 
 
-def older_process_states(states):
-    """`processes` for a file written before each process kept its own states: every rank's
-    CPU state ("torch_ranks", or rank 0's "torch") and, where the run had GPUs, the one with
-    the rank's index of rank 0's CUDA states."""
-    cuda = states.get("cuda", [])
-    return [{"cpu": cpu, "device_type": "cuda" if cuda else "cpu",
-             "device": cuda[i] if i < len(cuda) else None}
-            for i, cpu in enumerate(states.get("torch_ranks") or [states["torch"]])]
+def saved_flags(args):
+    """The flags a checkpoint keeps (`Checkpoint.args`): all but which ones the command line
+    typed."""
+    return {k: v for k, v in vars(args).items() if k != "given"}
+
+
+def restore(ckpt, model, optimizers, schedulers, lookahead, data_gen, device, reseed):
+    """A resumed run's weights, optimiser, LR schedule, lookahead and RNG states, loaded into
+    its objects; what could not be restored on this machine, in words (`set_rng_states`)."""
+    model.load_state_dict(ckpt.model)
+    if [len(s["param_groups"]) for s in ckpt.optimizer] != [len(o.param_groups)
+                                                           for o in optimizers]:
+        raise ValueError("the checkpoint was written by another version of this repo (other "
+                         "optimiser parameter groups): it cannot resume here; start a new run")
+    for obj, state in zip(optimizers + schedulers, ckpt.optimizer + ckpt.scheduler):
+        obj.load_state_dict(state)
+    if lookahead is not None:
+        lookahead.load_state_dict(ckpt.lookahead)
+    return set_rng_states(ckpt.rng, data_gen, device, distributed.rank(),
+                          distributed.world_size(), reseed)
 
 
 def checkpoint_file(resume):
@@ -159,8 +201,7 @@ def read_checkpoint(resume):
     that one reads."""
     path = checkpoint_file(resume) or os.path.join(resume, "checkpoint.pt")
     try:
-        return (load_torch_file(path, "checkpoint", CHECKPOINT_KEYS),
-                os.path.dirname(path) or ".")
+        saved = load_torch_file(path, "checkpoint", CHECKPOINT_KEYS)
     except DataError as error:
         previous = previous_path(path)
         kept = intact_checkpoint(previous) if os.path.isfile(path) else None
@@ -169,6 +210,7 @@ def read_checkpoint(resume):
         raise DataError(f"{error}; the previous checkpoint ({checkpoint_position(kept)}) is "
                         f"intact: python src/train.py --resume {previous} continues from it"
                         ) from None
+    return as_checkpoint(saved, path), os.path.dirname(path) or "."
 
 
 def set_aside_other_checkpoint(run_dir, resume_file):
@@ -181,7 +223,7 @@ def set_aside_other_checkpoint(run_dir, resume_file):
 
 
 def intact_checkpoint(path):
-    """The checkpoint at `path` if there is one that reads, else None."""
+    """The checkpoint at `path` (a dict) if there is one that reads, else None."""
     try:
         return load_torch_file(path, "checkpoint", CHECKPOINT_KEYS)
     except DataError:
@@ -207,25 +249,21 @@ def check_resume_flags(args, given, saved):
 
 
 def checkpoint_position(ckpt):
+    """Where the checkpoint (a dict) stands: "after epoch 3/8", "epoch 4/8, step 12"."""
     epochs = ckpt["args"].get("epochs", "?")
-    if "partial" in ckpt:
+    if ckpt.get("partial"):
         return f"epoch {ckpt['epoch'] + 2}/{epochs}, step {ckpt['partial']['steps']}"
     return f"after epoch {ckpt['epoch'] + 1}/{epochs}"
 
 
-def flags_of_resumed_run(args):
-    """With --resume: (the checkpoint, the file --resume named or None), args set to the run's
-    own flags (see check_resume_flags). Otherwise (None, None)."""
-    given = vars(args).pop("given", [])
+def resumed_run(args):
+    """With --resume: (the checkpoint, the file --resume named or None, the run's own flags as
+    new values: those of the checkpoint, but where and how it runs as typed now, the device as
+    typed or auto; see check_resume_flags). Otherwise (None, None, args)."""
     if not args.resume:
-        return None, None
+        return None, None, args
     ckpt, run_dir = read_checkpoint(args.resume)
-    resume_file = checkpoint_file(args.resume)
-    check_resume_flags(args, given, ckpt["args"])
-    # The run's own flags, but where and how it runs as typed now (the device: as typed or
-    # auto). A checkpoint from before --precision and --grad-clip existed ran float32 on the
-    # CPU without clipping; --grad-clip on a resume is the way on after a NaN.
-    typed = {k: getattr(args, k) for k in RESUME_FLAGS if k in given or k == "device"}
-    args.__dict__.update({"precision": "fp32", "grad_clip": 0.0, **ckpt["args"], **typed})
-    args.resume, args.out = run_dir, run_dir
-    return ckpt, resume_file
+    check_resume_flags(args, args.given, ckpt.args)
+    typed = {k: getattr(args, k) for k in RESUME_FLAGS if k in args.given or k == "device"}
+    return ckpt, checkpoint_file(args.resume), argparse.Namespace(
+        **{**ckpt.args, **typed, "resume": run_dir, "out": run_dir, "given": args.given})

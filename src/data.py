@@ -10,6 +10,7 @@ the training split's mean/std, random crop from a padded image and horizontal fl
 """
 import os
 import pickle
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -188,6 +189,41 @@ def channel_stats(images):
     """Per-channel mean and std of uint8 images, on the 0..1 scale."""
     x = images.double().div_(255)
     return x.mean((0, 2, 3)).float(), x.std((0, 2, 3)).float()
+
+
+@dataclass
+class Split:
+    """A run's images, each a uint8 tensor on the training device (batches are gathered from
+    them by index), and what batches are normalised with."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor           # the validation split: empty without --val-size
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: torch.Tensor            # per channel, on the device (see `normalisation`)
+    std: torch.Tensor
+    flip_bits: torch.Tensor | None  # which images the alternating flip mirrors in even epochs
+
+
+def device_split(data, val_size, seed, alternating_flip, device, stats=None):
+    """`load_cifar`'s images as a `Split` on the device: the training images less a stratified
+    validation split of `val_size` (0: none), the test set, the normalisation (the training
+    images' mean and std, or `stats`), and with `alternating_flip` the flip's bits."""
+    labels = data["train_y"]
+    if val_size:
+        train_idx, val_idx = stratified_split(labels, val_size, seed=seed)
+    else:
+        train_idx, val_idx = torch.arange(len(labels)), torch.arange(0)
+    mean, std = stats or channel_stats(data["train_x"][train_idx])
+    flip_bits = None
+    if alternating_flip:    # fixed by the seed alone: a resumed run flips as an uninterrupted one
+        bit_gen = torch.Generator().manual_seed(seed + 1)
+        flip_bits = (torch.rand(len(train_idx), generator=bit_gen) < 0.5).to(device)
+    return Split(*(data[k][idx].to(device) for idx in (train_idx, val_idx)
+                   for k in ("train_x", "train_y")),
+                 data["test_x"].to(device), data["test_y"].to(device), mean.to(device),
+                 std.to(device), flip_bits)
 
 
 def normalize(images, mean, std):

@@ -10,6 +10,7 @@ so N processes take the steps one process would take with the same --batch-size.
 import contextlib
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,12 @@ BACKENDS = {"cuda": "nccl", "xpu": "xccl", "cpu": "gloo"}
 
 def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def log(*line):
+    """A line on stderr from rank 0; the other ranks train silently beside it."""
+    if is_main():
+        print(*line, file=sys.stderr)
 
 
 def init(device, timeout_s):

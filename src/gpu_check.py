@@ -40,13 +40,13 @@ import cli
 from conv import conv2d_unfold
 from conv.layers import explicit_padding
 from conv_benchmark import conv_shapes, network, network_steps
-from data import DataError, load_cifar, write_synthetic_cifar10
+from data import DataError, channel_stats, load_cifar, write_synthetic_cifar10
 from device import describe, pick_device
 from model import build_model
-from optim import Lookahead, make_optimizers, make_schedulers
+from optim import Lookahead, lr_schedule, make_optimizers, make_schedulers
 from precision import autocast, disable_tf32, pick_precision
 from timing import peak_bytes, sgd_step
-from train import augmentation, normalisation, train_step, training_batch
+from train import augmentation, train_step, training_batch
 from train_flags import get_args as train_args
 
 PARTS = ("conv", "memory", "steps", "syncs", "train", "resume", "cpu-resume", "compile", "muon")
@@ -161,10 +161,10 @@ def preset_step(preset, device, batch, autocast_ctx=contextlib.nullcontext()):
     args = train_args(["--preset", preset, "--batch-size", str(batch)])
     model = build_model(args.model, 10).to(device)
     optimizers = make_optimizers(model, args)
-    schedulers = make_schedulers(optimizers, 10, args)
+    schedulers = make_schedulers(optimizers, 10, lr_schedule(args, args.epochs * 10))
     lookahead = Lookahead(model, 10 * args.epochs) if args.lookahead else None
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
-    mean, std = normalisation(images, device)
+    mean, std = (t.to(device) for t in channel_stats(images))
     images, labels = images.to(device), torch.randint(0, 10, (batch,)).to(device)
     flip_bits = torch.zeros(batch, dtype=torch.bool, device=device)
     gen = torch.Generator("cpu" if device.type == "meta" else device).manual_seed(0)

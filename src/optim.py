@@ -1,6 +1,7 @@
 """The optimisers: SGD parameter groups (airbench's decoupled LR and weight decay, faster
 BatchNorm shifts, a pretrained backbone slower than its new head), torch.optim.Muon for the
 conv filters, the LR schedule, and airbench's lookahead."""
+import functools
 import math
 
 import torch
@@ -13,35 +14,37 @@ LOOKAHEAD_EVERY = 5          # steps between lookahead pulls (airbench)
 MUON_MOMENTUM = 0.6          # --optimizer muon: airbench94_muon's momentum for the conv filters
 
 
-def optimizer_groups(params, args, head=(), frozen_later=()):
+def sgd_rates(lr, weight_decay, batch_size, momentum, decoupled):
+    """(LR, weight decay) as SGD takes them. With `decoupled` (airbench), lr and weight decay
+    are per 1024 examples and divided by 1 + 1/(1 - momentum), as airbench does (1/(1 -
+    momentum) is how much momentum amplifies a step): the LR scales with the batch size, and
+    the fraction of each weight decayed per step does not depend on the LR."""
+    if not decoupled:
+        return lr, weight_decay
+    return lr * batch_size / 1024 / (1 + 1 / (1 - momentum)), weight_decay / lr
+
+
+def optimizer_groups(params, lr, wd, bias_lr_scale, head=(), backbone_lr_scale=1.0,
+                     frozen_later=(), trains_epochs=0):
     """SGD parameter groups from (module, parameter) pairs: BatchNorm shifts at `bias_lr_scale`
     times the LR (with the same decay per step), everything else at the LR. With `head` (the
     new classifier of a pretrained backbone), the head trains at the LR and everything else at
     `backbone_lr_scale` times it. `frozen_later` get a group of their own, marked to train for
-    `whiten_bias_epochs` (see make_schedulers).
-
-    With `decoupled` (airbench), lr and weight decay are per 1024 examples and divided by
-    1 + 1/(1 - momentum), as airbench does (1/(1 - momentum) is how much momentum amplifies a
-    step): the LR scales with the batch size, and the fraction of each weight decayed per step
-    does not depend on the LR."""
-    lr, wd = args.lr, args.weight_decay
-    if args.decoupled:
-        scale = args.batch_size / 1024 / (1 + 1 / (1 - args.momentum))
-        lr, wd = args.lr * scale, args.weight_decay / args.lr
+    `trains_epochs` (see make_schedulers)."""
     head_ids, later_ids = {id(p) for p in head}, {id(p) for p in frozen_later}
     body = [(m, p) for m, p in params if id(p) not in head_ids | later_ids]
     shifts = [p for module, p in body if isinstance(module, torch.nn.BatchNorm2d)]
     others = [p for module, p in body if not isinstance(module, torch.nn.BatchNorm2d)]
-    scale = args.backbone_lr_scale if head_ids else 1.0
+    scale = backbone_lr_scale if head_ids else 1.0
     groups = [{"params": others, "lr": lr * scale, "weight_decay": wd},
-              {"params": shifts, "lr": lr * scale * args.bias_lr_scale,
-               "weight_decay": wd / args.bias_lr_scale}]
+              {"params": shifts, "lr": lr * scale * bias_lr_scale,
+               "weight_decay": wd / bias_lr_scale}]
     if head_ids:
         groups.append({"params": [p for _, p in params if id(p) in head_ids], "lr": lr,
                        "weight_decay": wd, "head": True})
     if later_ids:
         groups.append({"params": list(frozen_later), "lr": lr, "weight_decay": wd,
-                       "trains_epochs": args.whiten_bias_epochs})
+                       "trains_epochs": trains_epochs})
     return groups
 
 
@@ -71,7 +74,8 @@ class FilterMuon(torch.optim.Muon):
 
 
 def make_optimizers(model, args):
-    """[SGD], or with --optimizer muon [SGD, FilterMuon] (Muon for the conv filters)."""
+    """[SGD], or with --optimizer muon [SGD, FilterMuon] (Muon for the conv filters); the one
+    reader of the run's optimiser flags."""
     params = [(model.get_submodule(name.rpartition(".")[0]), p)
               for name, p in model.named_parameters() if p.requires_grad]
     filters = []
@@ -83,8 +87,11 @@ def make_optimizers(model, args):
     # The fast nets' whitening bias trains for whiten_bias_epochs, then stops (make_schedulers).
     frozen_later = [dict(model.named_parameters())["whiten.bias"]] \
         if args.whiten_bias_epochs and isinstance(model, FastNet) else []
-    optimizers = [torch.optim.SGD(optimizer_groups(params, args, head, frozen_later),
-                                  momentum=args.momentum, nesterov=True)]
+    lr, wd = sgd_rates(args.lr, args.weight_decay, args.batch_size, args.momentum,
+                       args.decoupled)
+    groups = optimizer_groups(params, lr, wd, args.bias_lr_scale, head, args.backbone_lr_scale,
+                              frozen_later, args.whiten_bias_epochs)
+    optimizers = [torch.optim.SGD(groups, momentum=args.momentum, nesterov=True)]
     if filters:
         optimizers.append(FilterMuon(filters, lr=args.muon_lr, momentum=MUON_MOMENTUM,
                                      nesterov=True, weight_decay=0.0))
@@ -98,32 +105,34 @@ def logged_lr(optimizers):
     return next((g["lr"] for g in groups if g.get("head")), groups[0]["lr"])
 
 
-def make_schedulers(optimizers, steps_per_epoch, args):
-    """One LambdaLR per optimiser: every group follows `lr_factor`, except a group marked
-    `trains_epochs`, whose LR drops to 0 after that many epochs (its weights stay as they are;
-    airbench freezes the whitening bias this way)."""
-    total = args.epochs * steps_per_epoch
-
+def make_schedulers(optimizers, steps_per_epoch, factor):
+    """One LambdaLR per optimiser: every group's LR is `factor(step)` times its peak, except a
+    group marked `trains_epochs`, whose LR drops to 0 after that many epochs (its weights stay
+    as they are; airbench freezes the whitening bias this way)."""
     def factor_for(group):
-        if "trains_epochs" not in group:
-            return lambda step: lr_factor(step, total, args)
-        last = group["trains_epochs"] * steps_per_epoch
-        return lambda step: lr_factor(step, total, args) if step < last else 0.0
+        last = group.get("trains_epochs", math.inf) * steps_per_epoch
+        return lambda step: factor(step) if step < last else 0.0
     return [torch.optim.lr_scheduler.LambdaLR(opt, [factor_for(g) for g in opt.param_groups])
             for opt in optimizers]
 
 
-def lr_factor(step, total, args):
-    """The LR schedule, as a fraction of the peak: lr_start -> 1 linearly over the warm-up
-    fraction of the steps, then 1 -> lr_end at the last step, linearly or along a half cosine
-    (args.decay)."""
-    warmup = max(1, int(total * args.warmup))
+def lr_schedule(args, total):
+    """`lr_factor` over `total` steps with the run's --warmup, --lr-start, --lr-end, --decay."""
+    return functools.partial(lr_factor, total=total, warmup=args.warmup,
+                             lr_start=args.lr_start, lr_end=args.lr_end, decay=args.decay)
+
+
+def lr_factor(step, total, warmup, lr_start, lr_end, decay):
+    """The LR schedule, as a fraction of the peak: lr_start -> 1 linearly over the `warmup`
+    fraction of the `total` steps, then 1 -> lr_end at the last step, linearly or along a half
+    cosine (decay "linear" or "cosine")."""
+    warmup = max(1, int(total * warmup))
     if step < warmup:
-        return args.lr_start + (1 - args.lr_start) * step / warmup
+        return lr_start + (1 - lr_start) * step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
-    if args.decay == "cosine":
-        return args.lr_end + (1 - args.lr_end) * (1 + math.cos(math.pi * progress)) / 2
-    return 1 + (args.lr_end - 1) * progress
+    if decay == "cosine":
+        return lr_end + (1 - lr_end) * (1 + math.cos(math.pi * progress)) / 2
+    return 1 + (lr_end - 1) * progress
 
 
 class Lookahead:

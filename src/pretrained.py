@@ -123,6 +123,12 @@ class Upsampled(nn.Module):
         return self.net(x)
 
 
+def backbone_stats(name):
+    """(mean, std) of the inputs of backbone `name` in its ImageNet training, which CIFAR images
+    are normalised with to fine-tune it; None for no backbone."""
+    return tuple(torch.tensor(BACKBONES[name][k]) for k in ("mean", "std")) if name else None
+
+
 def classifier(net):
     """The classifier Linear of a timm or torchvision network."""
     if hasattr(net, "get_classifier"):                  # timm

@@ -9,11 +9,12 @@ Every epoch logs to TensorBoard (in the run folder) and writes a checkpoint atom
 `--resume RUN_DIR` continues exactly where an interrupted run stopped. The same script runs
 data-parallel under `torchrun --nproc_per_node=N` (see distributed.py).
 """
+import argparse
 import math
 import os
 import sys
 import time
-from types import SimpleNamespace
+from contextlib import ExitStack
 
 import torch
 import torch.nn.functional as F
@@ -22,22 +23,17 @@ from tqdm import tqdm
 import cli
 import distributed
 import logs
-from checkpoint import (accelerator_rng, atomic_save, flags_of_resumed_run, lock_run_folder,
-                        process_rng_state, rng_states, set_aside_other_checkpoint,
-                        set_rng_states)
+from checkpoint import (Checkpoint, atomic_save, process_rng_state, rng_states, save_checkpoint,
+                        saved_flags)
 from conv import plans as conv_plans
-from data import (DataError, augment, channel_stats, load_cifar, normalize, one_hot,
-                  stratified_split)
-from device import (describe, keep_freed_memory, machine, optimize_for_device, pick_device,
-                    stopwatch)
+from data import DataError, augment, normalize, one_hot
+from device import describe, stopwatch
+from distributed import log
 from evaluate import evaluate
-from model import FastNet, build_model
-from optim import Lookahead, logged_lr, make_optimizers, make_schedulers
+from optim import logged_lr
 from preemption import Stopped, deferred_stop_signals, stop_error, stop_signalled
-from precision import (autocast as precision_autocast, cpu_bf16_unit, pick_precision,
-                       disable_tf32)
-from precision import describe as describe_precision
-from pretrained import BACKBONES, PretrainedError, load_backbone
+from pretrained import PretrainedError
+from run_setup import run_label, set_up
 from train_flags import get_args
 
 
@@ -53,296 +49,34 @@ def diverged_message(what, args, epoch):
             f"{args.out} --grad-clip {clip:g}")
 
 
-def run_label(args):
-    """The preset, and the network where it is not the preset's namesake."""
-    return args.preset if args.preset == args.model else f"{args.preset} ({args.model})"
-
-
 def train(args, argv=()):
     """One training run, stopping at a step boundary on SIGTERM or SIGINT (see `Stopped`):
     set up, train epoch after epoch (each ending in a checkpoint), evaluate on the test set.
     `argv`: the command line's flags, for TensorBoard's card of the run."""
-    with deferred_stop_signals() as signals:
-        run = SimpleNamespace(args=args, signals=signals, lock=None, writer=None,
-                              argv=list(argv))
-        try:
-            set_up(run)
-            for epoch in range(run.start_epoch, args.epochs):
-                end_epoch(run, epoch, train_epoch(run, epoch))
-            return finish(run)
-        finally:   # however the run ends: the folder's lock, and the events written so far
-            if run.writer is not None:
-                run.writer.close()
-            if run.lock is not None:
-                run.lock.close()
-
-
-def set_up(run):
-    """Everything a run holds, into the namespace `run`: its flags (a resumed run's own),
-    device, data on the device, model, optimisers, and where a resumed run continues from."""
-    args = run.args
-    run.ckpt, resume_file = flags_of_resumed_run(args)
-    set_up_device(run)
-    set_up_data(run, resume_file)
-    set_up_model(run)
-    run.start_epoch, run.partial = 0, None
-    if run.ckpt is not None:
-        restore(run)
-    choose_conv_plans(run)
-    set_up_step_model(run)
-    if run.is_main:
-        from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
-        run.writer = SummaryWriter(args.out)
-        card = logs.run_card(args, run.argv, run.world, machine(run.device),
-                             describe_precision(run.dtype, run.precision_reason)
-                             .removeprefix("precision: "), run.steps_per_epoch)
-        partial_steps = run.partial["steps"] if run.partial is not None else 0
-        logs.write_card(run.writer, card, run.start_epoch * run.steps_per_epoch + partial_steps)
-    world = run.world
-    run.log(f"{run_label(args)}: {sum(p.numel() for p in run.model.parameters()):,} "
-            f"parameters, {len(run.train_x)} train / {len(run.val_x)} val images, "
-            f"{run.steps_per_epoch} steps per epoch"
-            + (f" of {world} x {args.batch_size // world} images" if world > 1 else "")
-            + f", logs in {args.out}")
-    run.started = time.perf_counter()
-
-
-def set_up_device(run):
-    """The device (a bad --device fails with its one line before anything is printed), the
-    process group under torchrun, and the precision."""
-    args = run.args
-    run.device = distributed.init(pick_device(args.device, verbose=False), args.dist_timeout)
-    keep_freed_memory(run.device)
-    run.world, run.is_main = distributed.world_size(), distributed.is_main()
-    # Only rank 0 talks (and writes files); the other ranks train silently beside it.
-    run.log = (lambda *a: print(*a, file=sys.stderr)) if run.is_main else (lambda *a: None)
-    if args.batch_size % run.world:
-        raise ValueError(f"--batch-size {args.batch_size} (the global batch) does not split "
-                         f"evenly over {run.world} processes")
-    flag = resumed_precision(run)
-    run.dtype, run.precision_reason = pick_precision(flag, run.device)
-    tf32 = disable_tf32(run.device) if run.dtype is None else ""
-    if tf32:
-        run.precision_reason += f"; {tf32}"
-    if flag != args.precision:      # "--precision bf16; ...: slow" -> "the run's; ...: slow"
-        run.precision_reason = run.precision_reason.replace(f"--precision {flag}",
-                                                            "the resumed run's")
-    conv_plans.measuring()                  # a bad CIFAR_CONV_MEASURE: its one line, now
-    run.autocast = precision_autocast(run.device, run.dtype)
-
-
-def resumed_precision(run):
-    """The --precision to run with: a resumed run's `auto` is the precision it ran in (saved
-    in its checkpoint), not what `auto` means on this machine today; a checkpoint without it
-    is from before `auto` took AVX512-BF16, where such a CPU ran float32."""
-    flag = run.args.precision
-    if run.ckpt is None or flag != "auto":
-        return flag
-    if "precision" in run.ckpt:
-        return run.ckpt["precision"]
-    return "fp32" if run.device.type == "cpu" and cpu_bf16_unit() != "AMX" else flag
-
-
-def set_up_data(run, resume_file):
-    """The dataset read (then the run folder locked), the seeds set, the train/val split as
-    tensors on the device, its normalisation, and the alternating flip's bits."""
-    args, device = run.args, run.device
-    run.data = load_cifar(args.data_dir, args.dataset)
-    if run.is_main:   # once the data is there, before anything is written
-        os.makedirs(args.out, exist_ok=True)
-        run.lock = lock_run_folder(args.out)
-        if run.ckpt is not None:
-            set_aside_other_checkpoint(args.out, resume_file)
-    run.log(f"device: {describe(device)}" + (f", {run.world} processes" if run.world > 1 else "")
-            + f", {describe_precision(run.dtype, run.precision_reason)}")
-    torch.manual_seed(args.seed)
-    run.data_gen = torch.Generator(device=device).manual_seed(args.seed)
-    train_y = run.data["train_y"]
-    if args.val_size:
-        train_idx, val_idx = stratified_split(train_y, args.val_size, seed=args.seed)
-    else:
-        train_idx, val_idx = torch.arange(len(train_y)), torch.arange(0)
-    run.mean, run.std = normalisation(run.data["train_x"][train_idx], device, args.pretrained)
-    # The whole split as one tensor on the device; batches are gathered by index from it.
-    run.train_x, run.train_y = (run.data[k][train_idx].to(device) for k in ("train_x", "train_y"))
-    run.val_x, run.val_y = (run.data[k][val_idx].to(device) for k in ("train_x", "train_y"))
-    run.test_x, run.test_y = run.data["test_x"].to(device), run.data["test_y"].to(device)
-    run.test_every = test_curve_every(run)
-    run.held_out_seconds, run.pending_steps = 0.0, []
-    run.steps_per_epoch = len(run.train_x) // args.batch_size   # the partial last batch: dropped
-    if run.steps_per_epoch == 0:
-        raise DataError(f"only {len(run.train_x)} training images for batch size "
-                        f"{args.batch_size}")
-    if run.ckpt is not None and run.ckpt.get("train_size", len(run.train_x)) != len(run.train_x):
-        raise DataError(f"{args.data_dir} holds {len(run.train_x)} training images, the run "
-                        f"trained on {run.ckpt['train_size']}: resume it with its data")
-    # Which images the alternating flip mirrors in even epochs: fixed by the seed alone, so a
-    # resumed run flips exactly as an uninterrupted one.
-    run.flip_bits = None
-    if args.flip == "alternating":
-        bit_gen = torch.Generator().manual_seed(args.seed + 1)
-        run.flip_bits = (torch.rand(len(run.train_x), generator=bit_gen) < 0.5).to(device)
-
-
-def normalisation(images, device, pretrained=None):
-    """The per-channel mean and std that batches are normalised with, on the training device
-    (a copy from the host every batch would wait for a GPU): the training images', or with
-    --pretrained the backbone's, as in its ImageNet training."""
-    if pretrained:
-        mean, std = (torch.tensor(BACKBONES[pretrained][k]) for k in ("mean", "std"))
-    else:
-        mean, std = channel_stats(images)
-    return mean.to(device), std.to(device)
-
-
-def test_curve_every(run):
-    """Every how many epochs TensorBoard's test curve is evaluated (0: never): only without a
-    validation split, as --test-every says or within 5 % of the training time (logs.py). Its
-    seconds are counted apart from the training's."""
-    if len(run.val_x):
-        return 0
-    if run.args.test_every is not None:
-        return run.args.test_every
-    return logs.held_out_every(len(run.test_x), len(run.train_x))
-
-
-def set_up_model(run):
-    """The network (an ImageNet backbone with --pretrained), its whitening filters, the
-    optimisers, LR schedules and lookahead."""
-    args, device = run.args, run.device
-    num_classes = len(run.data["classes"])
-    if args.pretrained:     # ImageNet weights (a resumed run loads its own over them)
-        model = load_backbone(args.pretrained, num_classes, args.conv, args.image_size,
-                              imagenet=run.ckpt is None).to(device)
-        args.image_size = model.image_size
-    else:
-        model = build_model(args.model, num_classes, args.conv).to(device)
-    if run.world > 1:   # BatchNorm statistics of the whole global batch
-        for kind in distributed.global_batchnorm(model):
-            run.log(f"note: {kind} layers keep per-process batch statistics under torchrun")
-        torch.manual_seed(args.seed + distributed.rank())   # each rank its own dropout masks
-    timed = stopwatch(device)
-    # From (at most) 5000 normalised training images; a resumed run loads its filters instead.
-    if isinstance(model, FastNet) and run.ckpt is None:
-        model.init_whitening(normalize(run.train_x[:5000], run.mean, run.std))
-    run.timed_seconds = timed()
-    run.model, run.optimizers, note = optimize_for_device(model, make_optimizers(model, args),
-                                                          device)
-    if note:
-        run.log(f"note: {note}")
-    optimizers = run.optimizers
-    run.schedulers = make_schedulers(optimizers, run.steps_per_epoch, args)
-    run.lookahead = Lookahead(run.model, args.epochs * run.steps_per_epoch) \
-        if args.lookahead else None
-
-
-def restore(run):
-    """A resumed run's weights, optimiser, schedule, RNG and lookahead states, and where in
-    which epoch it continues."""
-    ckpt = run.ckpt
-    run.model.load_state_dict(ckpt["model"])
-    # Older files hold one SGD's state rather than a list of them.
-    optimizers, schedulers = ([s] if isinstance(s, dict) else s
-                              for s in (ckpt["optimizer"], ckpt["scheduler"]))
-    if [len(s["param_groups"]) for s in optimizers] != [len(o.param_groups)
-                                                       for o in run.optimizers]:
-        raise ValueError(f"{run.args.out}'s checkpoint was written by an older version of this "
-                         f"repo (other optimiser parameter groups): it cannot resume here; "
-                         f"start a new run")
-    for obj, state in zip(run.optimizers + run.schedulers, optimizers + schedulers):
-        obj.load_state_dict(state)
-    notes = set_rng_states(ckpt["rng"], run.data_gen, run.device, distributed.rank(),
-                           run.world, reseed=run.args.seed * 1_000_003 + ckpt["epoch"] + 1)
-    if notes:
-        run.log(f"note: resumed on another machine: {'; '.join(notes)}; the run goes on, "
-                f"with other random draws than an uninterrupted one")
-    if run.lookahead is not None:
-        run.lookahead.load_state_dict(ckpt["lookahead"])
-    run.start_epoch = ckpt["epoch"] + 1
-    run.partial = ckpt.get("partial")   # a run stopped by a signal within an epoch
-    run.log(f"resuming {run.args.out} in epoch {run.start_epoch + 1} after step "
-            f"{run.partial['steps']}" if run.partial else
-            f"resuming {run.args.out} after epoch {run.start_epoch}")
-
-
-def choose_conv_plans(run):
-    """Which variant of the hand-written conv each layer shape runs (conv/plans.py): a resumed
-    run's own; else the fastest, measured by rank 0 on one forward of a batch (the model in
-    eval mode: no statistic or RNG changes) and handed to every rank; else, with
-    --no-conv-measure or CIFAR_CONV_MEASURE=0, the default ones. Measuring is off afterwards,
-    so every rank runs the same variants for the whole run, and a resume runs those too."""
-    args = run.args
-    conv_plans.set_measuring(None)          # as CIFAR_CONV_MEASURE says (a second --runs run)
-    if run.ckpt is not None:
-        saved = run.ckpt.get("conv_plans", {})
-        kept = {key: plan for key, plan in saved.items() if key.endswith(f" {run.device.type}")}
-        if len(kept) < len(saved):
-            run.log(f"note: the run's conv variants were measured on another device type; "
-                    f"on {run.device.type} every conv runs its default variant")
-        conv_plans.use(kept)
-    elif distributed.from_rank0(args.conv == "hand" and run.device.type == "cpu" and
-                                not args.no_conv_measure and conv_plans.measuring()):
-        conv_plans.use({})          # every rank as rank 0 decides (its environment may differ)
-        clock = stopwatch(run.device)
-        if run.is_main:
-            run.model.eval()
-            with torch.enable_grad(), run.autocast:
-                run.model(normalize(run.train_x[:args.batch_size // run.world], run.mean,
-                                    run.std))
-            run.model.train()
-        conv_plans.use(distributed.from_rank0(conv_plans.chosen()))
-        run.log(f"conv variants: {len(conv_plans.chosen())} layer shapes measured in "
-                f"{clock():.1f}s (not counted in the times below)")
-    else:
-        conv_plans.use({})
-    conv_plans.set_measuring(False)
-
-
-def set_up_step_model(run):
-    """What the training step calls: the model, in DDP under torchrun, compiled with --compile
-    (on one batch before the clock runs, every weight and statistic put back after)."""
-    args = run.args
-    wrapped = distributed.wrap(run.model, run.device)
-    run.step_model = torch.compile(wrapped) if args.compile else wrapped
-    if not args.compile:
-        return
-    saved = {k: v.clone() for k, v in run.model.state_dict().items()}
-    compile_clock = stopwatch(run.device)
-    # The warm-up's dropout draws leave the RNG as they found it: a resume stays exact.
-    with torch.random.fork_rng(devices=[run.device] if accelerator_rng(run.device) else [],
-                               device_type=run.device.type), \
-            run.autocast:
-        run.step_model(normalize(run.train_x[:args.batch_size // run.world], run.mean, run.std)
-                       ).float().sum().backward()
-    run.model.zero_grad(set_to_none=True)
-    run.model.load_state_dict(saved)
-    run.log(f"compiled in {compile_clock():.1f}s (not counted in the times below)")
+    with deferred_stop_signals() as signals, ExitStack() as closing:
+        run = set_up(args, list(argv), signals, closing)
+        for epoch in range(run.start_epoch, run.args.epochs):
+            end_epoch(run, epoch, train_epoch(run, epoch))
+        return finish(run)
 
 
 CHECK_IN_EVERY = 20   # steps between the epoch loop's reads from the device (loss, stop flag)
 
 
 def train_epoch(run, epoch):
-    """One epoch of steps (from where a stopped run left it); its sums (loss, hits) and the LR
-    of its last step. A stop signal ends it early: checkpoint, then `Stopped`."""
-    args, device, n_steps = run.args, run.device, run.steps_per_epoch
-    run.epoch_clock = stopwatch(device)
+    """One epoch of steps (from where a stopped run left it): the sums of its losses and hits,
+    the LR of its last step, its seconds. A stop signal ends it early: checkpoint, `Stopped`."""
+    args, split, n_steps = run.args, run.split, run.steps_per_epoch
+    clock = stopwatch(run.device)
     run.model.train()
-    first = 0
-    if run.partial is not None and epoch == run.start_epoch:   # this epoch's order and sums
-        first, perm = run.partial["steps"], run.partial["perm"].to(device)
-        loss_sum, correct = (t.to(device) for t in run.partial["sums"])
-    else:
-        perm = torch.randperm(len(run.train_x), generator=run.data_gen, device=device)
-        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    first, perm, loss_sum, correct = epoch_start(run, epoch)
     bar = tqdm(range(first, n_steps), desc=f"epoch {epoch + 1}/{args.epochs}", initial=first,
                total=n_steps, leave=False, file=sys.stderr, dynamic_ncols=True,
                disable=not run.is_main)
     for step in bar:
-        x, y = training_batch(run.train_x, run.train_y,
-                              perm[step * args.batch_size:(step + 1) * args.batch_size],
-                              run.mean, run.std, run.data_gen, epoch, augmentation(args),
-                              run.flip_bits)
+        idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
+        x, y = training_batch(split.train_x, split.train_y, idx, split.mean, split.std,
+                              run.data_gen, epoch, augmentation(args), split.flip_bits)
         lr_used, loss, hits = train_step(run.step_model, run.optimizers, run.schedulers, x, y,
                                          len(run.data["classes"]), args.label_smoothing,
                                          args.grad_clip, run.autocast)
@@ -354,18 +88,28 @@ def train_epoch(run, epoch):
         correct += hits
         check_in = step % CHECK_IN_EVERY == CHECK_IN_EVERY - 1 or step == n_steps - 1
         if check_in:                 # the loop's only reads from the device
-            running = loss_sum.item() / (step + 1)
-            check_finite(run, running, epoch)
-            bar.set_postfix(loss=f"{running:.3f}")
+            check_finite(run, loss_sum.item() / (step + 1), epoch)
+            bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}")
         if step < n_steps - 1 and stop_signalled(run.signals, run.device, check_in):
             bar.close()
             check_finite(run, loss_sum.item() / (step + 1), epoch)
-            save_checkpoint(run, epoch - 1, {"steps": step + 1, "perm": perm.cpu(),
-                                             "sums": [loss_sum.cpu(), correct.cpu()]})
+            save(run, epoch - 1, {"steps": step + 1, "perm": perm.cpu(),
+                                  "sums": [loss_sum.cpu(), correct.cpu()]})
             raise stop_error(run.signals, args.out,
-                          f"in epoch {epoch + 1} after step {step + 1}/{n_steps}")
+                             f"in epoch {epoch + 1} after step {step + 1}/{n_steps}")
     bar.close()
-    return loss_sum, correct, lr_used
+    return loss_sum, correct, lr_used, clock()
+
+
+def epoch_start(run, epoch):
+    """(first step, batch order, loss sum, hit count) of an epoch: a new order and zero sums,
+    or those of the epoch a resumed run stopped in."""
+    device = run.device
+    if run.partial is not None and epoch == run.start_epoch:
+        loss_sum, correct = (t.to(device) for t in run.partial["sums"])
+        return run.partial["steps"], run.partial["perm"].to(device), loss_sum, correct
+    perm = torch.randperm(len(run.split.train_x), generator=run.data_gen, device=device)
+    return 0, perm, torch.zeros((), device=device), torch.zeros((), device=device)
 
 
 def training_batch(images, labels, idx, mean, std, gen, epoch, augmentation, flip_bits=None):
@@ -414,10 +158,10 @@ def training_parameters(model, optimizers):
 def end_epoch(run, epoch, sums):
     """The epoch's figures (train loss and accuracy over every rank, held-out data), logged
     and written to TensorBoard, then its checkpoint; a stop signal ends the run here."""
-    args, (loss_sum, correct, lr_used) = run.args, sums
+    args, (loss_sum, correct, lr_used, seconds) = run.args, sums
     if run.lookahead is not None and epoch == args.epochs - 1:
         run.lookahead.finish()      # the final weights are the slow ones
-    run.timed_seconds += run.epoch_clock()
+    run.timed_seconds += seconds
     # Each rank summed the mean losses and the hits of its shares: add up over ranks.
     totals = distributed.all_reduce_sum(torch.stack([loss_sum, correct.float()]))
     train_loss = totals[0].item() / (run.steps_per_epoch * run.world)
@@ -430,10 +174,10 @@ def end_epoch(run, epoch, sums):
         if f"{split}/loss" in held_out:
             line += (f"  {split} loss {held_out[f'{split}/loss']:.4f} "
                      f"acc {held_out[f'{split}/accuracy']:.4f}")
-    run.log(f"{line}  {time.perf_counter() - run.started:.0f}s")
+    log(f"{line}  {time.perf_counter() - run.started:.0f}s")
     if run.writer is not None:
         logs.write_scalars(run.writer, scalars, epoch + 1)
-    save_checkpoint(run, epoch)
+    save(run, epoch)
     if stop_signalled(run.signals, run.device):
         raise stop_error(run.signals, run.args.out, f"after epoch {epoch + 1}")
 
@@ -442,36 +186,35 @@ def held_out_scalars(run, epoch):
     """{"val/loss", "val/accuracy"} every epoch where the run keeps a validation split; else
     {"test/loss", "test/accuracy"} every `run.test_every` epochs but the last (`finish` logs
     that one), for TensorBoard's curve only."""
-    if len(run.val_x):
+    split = run.split
+    if len(split.val_x):
         with run.autocast:
-            loss, acc = evaluate(run.model, run.val_x, run.val_y, run.mean, run.std)
+            loss, acc = evaluate(run.model, split.val_x, split.val_y, split.mean, split.std)
         return {"val/loss": loss, "val/accuracy": acc}
     if not run.test_every or (epoch + 1) % run.test_every or epoch + 1 == run.args.epochs:
         return {}
     clock = stopwatch(run.device)
     with run.autocast:
-        loss, acc = evaluate(run.model, run.test_x, run.test_y, run.mean, run.std)
+        loss, acc = evaluate(run.model, split.test_x, split.test_y, split.mean, split.std)
     run.held_out_seconds += clock()
     return {"test/loss": loss, "test/accuracy": acc}
 
 
-def save_checkpoint(run, completed_epoch, partial=None):
-    """Everything a resume needs (every rank calls it; rank 0 writes). `partial`: the steps,
-    batch order and loss sums of a stopped epoch."""
+def save(run, completed_epoch, partial=None):
+    """The run's checkpoint after `completed_epoch` (`partial`: the steps, batch order and loss
+    sums of a stopped epoch). Every rank calls it (each one's random states are kept); rank 0
+    writes it, just after the TensorBoard scalars of the steps it covers."""
     rng = rng_states(run.data_gen, distributed.all_gather(process_rng_state(run.device)))
     if not run.is_main:
         return
-    ckpt = {"model": run.model.state_dict(),
-            "optimizer": [opt.state_dict() for opt in run.optimizers],
-            "scheduler": [sched.state_dict() for sched in run.schedulers],
-            "epoch": completed_epoch, "rng": rng, "args": vars(run.args),
-            "train_size": len(run.train_x),
-            "lookahead": run.lookahead.state_dict() if run.lookahead is not None else {},
-            "conv_plans": conv_plans.chosen(),
-            "precision": "bf16" if run.dtype == torch.bfloat16 else "fp32",
-            **({"partial": partial} if partial else {})}
-    logs.write_steps(run.writer, run.pending_steps)    # the steps this checkpoint covers
-    atomic_save(ckpt, os.path.join(run.args.out, "checkpoint.pt"), keep_previous=True)
+    logs.write_steps(run.writer, run.pending_steps)
+    save_checkpoint(Checkpoint(
+        model=run.model.state_dict(), optimizer=[opt.state_dict() for opt in run.optimizers],
+        scheduler=[sched.state_dict() for sched in run.schedulers], epoch=completed_epoch,
+        rng=rng, args=saved_flags(run.args), train_size=len(run.split.train_x),
+        lookahead=run.lookahead.state_dict() if run.lookahead is not None else {},
+        conv_plans=conv_plans.chosen(), partial=partial,
+        precision="bf16" if run.dtype == torch.bfloat16 else "fp32"), run.args.out)
 
 
 def check_finite(run, running, epoch):
@@ -487,25 +230,25 @@ def check_finite(run, running, epoch):
 def finish(run):
     """The test set, touched once here after every choice has been made (with and without
     TTA), the weights file, TensorBoard's last entries and the run's one-line summary."""
-    args, device, model = run.args, run.device, run.model
+    args, device, model, split = run.args, run.device, run.model, run.split
     eval_clock = stopwatch(device)
     with run.autocast:
-        tta_loss, test_acc, predictions = evaluate(model, run.test_x, run.test_y, run.mean,
-                                                   run.std, tta=args.tta, predictions=True)
+        tta_loss, test_acc, predictions = evaluate(model, split.test_x, split.test_y, split.mean,
+                                                   split.std, tta=args.tta, predictions=True)
     run.timed_seconds += eval_clock()
     with run.autocast:
-        test_loss, test_acc_plain = evaluate(model, run.test_x, run.test_y, run.mean, run.std) \
-            if args.tta else (tta_loss, test_acc)
+        test_loss, test_acc_plain = evaluate(model, split.test_x, split.test_y, split.mean,
+                                             split.std) if args.tta else (tta_loss, test_acc)
     weights_path = os.path.join(args.out, "weights.pt")
     if run.is_main:
         atomic_save({"model": args.model, "dataset": args.dataset,
-                     "classes": run.data["classes"], "mean": run.mean.tolist(),
-                     "std": run.std.tolist(),
+                     "classes": run.data["classes"], "mean": split.mean.tolist(),
+                     "std": split.std.tolist(),
                      "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                      "test_accuracy": test_acc, "tta": args.tta,
                      "test_accuracy_without_tta": test_acc_plain, "epochs": args.epochs,
                      "train_seconds": run.timed_seconds,
-                     "pretrained": bool(args.pretrained), "image_size": args.image_size},
+                     "pretrained": bool(args.pretrained), "image_size": run.image_size},
                     weights_path)
         write_final_logs(run, {"test/loss": test_loss, "test/accuracy": test_acc_plain,
                                **({"test/accuracy_tta": test_acc} if args.tta else {})},
@@ -541,10 +284,10 @@ def train_runs(args, argv):
     standard deviation of their test accuracies (as airbench reports)."""
     if args.runs == 1:
         return [train(args, argv)]
-    results, out, seed = [], args.out, args.seed
-    for i in range(args.runs):
-        args.out, args.seed = os.path.join(out, f"run{i}"), seed + i
-        results.append(train(args, argv))
+    results = [train(argparse.Namespace(**{**vars(args), "out": os.path.join(args.out, f"run{i}"),
+                                            "seed": args.seed + i}), argv)
+               for i in range(args.runs)]
+
     def mean_std(key, digits):
         values = torch.tensor([r[key] for r in results], dtype=torch.float64)
         return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"

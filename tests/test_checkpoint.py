@@ -1,5 +1,6 @@
 """checkpoint.py: atomic writes that keep the previous file, a corrupt checkpoint's offer of
 the previous one, and the flags a resume refuses."""
+import dataclasses
 import re
 import resource
 import signal
@@ -7,7 +8,8 @@ import signal
 import pytest
 import torch
 
-from checkpoint import atomic_save, check_resume_flags, read_checkpoint, set_aside_other_checkpoint
+from checkpoint import (Checkpoint, atomic_save, check_resume_flags, read_checkpoint,
+                        save_checkpoint, set_aside_other_checkpoint)
 from data import DataError
 from train_flags import get_args
 
@@ -50,12 +52,13 @@ def test_a_checkpoint_write_keeps_the_one_before_as_prev(tmp_path):
 
 
 def test_a_corrupt_checkpoint_offers_the_previous_one(tmp_path):
-    ckpt = {"model": {}, "optimizer": [], "scheduler": [], "epoch": 2, "rng": {},
-            "args": {"epochs": 8}}
+    ckpt = Checkpoint(model={}, optimizer=[], scheduler=[], epoch=2, rng={"processes": []},
+                      args={"epochs": 8}, train_size=10, lookahead={}, conv_plans={},
+                      precision="fp32", partial=None)
     path = tmp_path / "checkpoint.pt"
-    atomic_save(ckpt, str(path), keep_previous=True)
-    atomic_save({**ckpt, "epoch": 3}, str(path), keep_previous=True)
-    assert read_checkpoint(str(tmp_path)) == ({**ckpt, "epoch": 3}, str(tmp_path))
+    save_checkpoint(ckpt, str(tmp_path))
+    save_checkpoint(dataclasses.replace(ckpt, epoch=3), str(tmp_path))
+    assert read_checkpoint(str(tmp_path)) == (dataclasses.replace(ckpt, epoch=3), str(tmp_path))
     path.write_bytes(path.read_bytes()[:100])        # truncated
     previous = tmp_path / "checkpoint.prev.pt"
     with pytest.raises(DataError) as error:

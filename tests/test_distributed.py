@@ -144,7 +144,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(straight_run,
     assert job.returncode != 0
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     steps = ckpt["partial"]["steps"]                # rank 0 stopped too, in epoch 2
-    assert ckpt["epoch"] == 0 and 1 <= steps < STEPS and len(ckpt["rng"]["torch_ranks"]) == 2
+    assert ckpt["epoch"] == 0 and 1 <= steps < STEPS and len(ckpt["rng"]["processes"]) == 2
     assert f"error: stopped by SIGTERM in epoch 2 after step {steps}/{STEPS}; " in stderr
     resume_ends_equal(run, straight, f"resuming {run} in epoch 2 after step {steps}")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import build_model
-from optim import (FilterMuon, lookahead_decay, lookahead_pull, lookahead_state, lr_factor,
+from optim import (FilterMuon, lookahead_decay, lookahead_pull, lookahead_state, lr_schedule,
                    make_optimizers, make_schedulers)
 from train_flags import get_args
 
@@ -36,7 +36,8 @@ def test_the_whitening_bias_stops_training_after_its_epochs():
     model = build_model("fast94")
     args = fast94_args("--epochs", "5")
     (sgd,) = make_optimizers(model, args)
-    (sched,) = make_schedulers([sgd], 4, args)       # 4 steps per epoch: 3 epochs = 12 steps
+    # 4 steps per epoch: 3 epochs = 12 steps
+    (sched,) = make_schedulers([sgd], 4, lr_schedule(args, args.epochs * 4))
     biases = []
     for step in range(16):
         sgd.zero_grad()
@@ -70,13 +71,13 @@ def test_muon_updates_the_conv_filters_through_matrices_sharing_their_storage():
 
 def test_lr_schedule_is_piecewise_linear():
     args = fast94_args()
-    assert lr_factor(0, 100, args) == pytest.approx(0.2)
-    assert lr_factor(23, 100, args) == pytest.approx(1.0)
-    assert lr_factor(99, 100, args) == pytest.approx(0.07)
-    assert lr_factor(61, 100, args) == pytest.approx(1 - 0.93 * 38 / 76)
+    assert lr_schedule(args, 100)(0) == pytest.approx(0.2)
+    assert lr_schedule(args, 100)(23) == pytest.approx(1.0)
+    assert lr_schedule(args, 100)(99) == pytest.approx(0.07)
+    assert lr_schedule(args, 100)(61) == pytest.approx(1 - 0.93 * 38 / 76)
     # The scheduler steps once more after the last step: the factor stays at its end value.
-    assert lr_factor(100, 100, args) == pytest.approx(0.07)
-    assert min(lr_factor(s, total, get_args([])) for total in (1, 2, 3, 16, 61)
+    assert lr_schedule(args, 100)(100) == pytest.approx(0.07)
+    assert min(lr_schedule(get_args([]), total)(s) for total in (1, 2, 3, 16, 61)
                for s in range(total + 2)) == pytest.approx(0.001)
 
 

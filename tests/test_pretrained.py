@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import CPU_FP32, run_main, write_cifar10, write_cifar100
 from conv import Conv2d, Conv2dTFSame, swap_convs, tf_same_pads
-from optim import logged_lr, lr_factor, make_optimizers
+from optim import logged_lr, lr_schedule, make_optimizers
 from pretrained import BACKBONES, PretrainedError, classifier, lite_state_dict, load_backbone
 from train_flags import get_args
 
@@ -100,13 +100,13 @@ def test_the_finetune_preset_alone_fine_tunes_its_backbone():
 def test_cosine_decay_after_the_warm_up():
     args = get_args(["--pretrained", "efficientnet_lite0"])
     total = 1000                                          # 50 warm-up steps, from 0.1 to 1
-    assert lr_factor(0, total, args) == pytest.approx(0.1)
-    assert lr_factor(50, total, args) == pytest.approx(1.0)
+    assert lr_schedule(args, total)(0) == pytest.approx(0.1)
+    assert lr_schedule(args, total)(50) == pytest.approx(1.0)
     middle = 50 + (total - 1 - 50) / 2
-    assert lr_factor(middle, total, args) == pytest.approx(0.5)
-    assert lr_factor(total - 1, total, args) == pytest.approx(0.0, abs=1e-12)
+    assert lr_schedule(args, total)(middle) == pytest.approx(0.5)
+    assert lr_schedule(args, total)(total - 1) == pytest.approx(0.0, abs=1e-12)
     quarter = 50 + (total - 1 - 50) / 4
-    assert lr_factor(quarter, total, args) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+    assert lr_schedule(args, total)(quarter) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
 
 
 @pytest.mark.parametrize("dataset", ["cifar10",      # cifar100: over 10 s, ./test.sh -m slow

@@ -1,6 +1,9 @@
 """Training on tiny synthetic CIFAR files: logs, checkpoints, weights, exact resume after a
 kill or a stop signal, the one-line errors, every preset. One run goes through a process as a
 user's would; the others call main() in this one (conftest.run_main)."""
+import contextlib
+import copy
+import io
 import json
 import os
 import re
@@ -16,12 +19,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import distributed
+import train
 from conftest import CPU_FP32, SRC, run_main, run_script, write_cifar10, write_cifar100
 from data import load_cifar, normalize
 from gpu_check import preset_step
 from model import build_model, whitening_filters
-from optim import lr_factor, make_optimizers, make_schedulers
+from optim import lr_schedule, make_optimizers, make_schedulers
 from preemption import deferred_stop_signals, stop_signalled
+from conv import plans
 from train import training_parameters
 from train_flags import get_args
 
@@ -312,7 +317,7 @@ def test_short_seed_run_logs_the_lr_each_epoch_used(cifar10_dir, tmp_path):
     events = EventAccumulator(str(out))
     events.Reload()
     args = get_args(["--epochs", "2"])
-    expected = [0.05 * lr_factor(s, 10, args) for s in (4, 9)]
+    expected = [0.05 * lr_schedule(args, 10)(s) for s in (4, 9)]
     assert [e.value for e in events.Scalars("lr")] == pytest.approx(expected, rel=1e-6)
     assert expected[1] == pytest.approx(0.05 * 0.001)
 
@@ -347,6 +352,25 @@ def test_runs_report_mean_and_std_over_seeds(cifar10_dir, tmp_path):
     assert torch.load(out / "run1" / "checkpoint.pt", weights_only=True)["args"]["seed"] == 1
 
 
+def test_training_reads_its_flags_and_never_writes_them(cifar10_dir, tmp_path):
+    """--runs (each run its folder and seed) and --resume (the run's own flags) make values of
+    their own: the parsed flags stay as they were."""
+    runs = get_args(["--epochs", "1", "--runs", "2", "--data-dir", cifar10_dir, "--out",
+                     str(tmp_path / "runs"), *TINY])
+    resumed = get_args(["--resume", str(tmp_path / "runs" / "run1"), "--device", "cpu"])
+    before = [copy.deepcopy(vars(args)) for args in (runs, resumed)]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(
+                io.StringIO()) as err, torch.random.fork_rng(devices=[]):
+            train.train_runs(runs, [])
+            train.train(resumed)          # after its last epoch: the test set and weights.pt
+    finally:
+        plans.use({})
+        plans.set_measuring(None)
+    assert f"resuming {tmp_path / 'runs' / 'run1'} after epoch 1" in err.getvalue()
+    assert [vars(args) for args in (runs, resumed)] == before
+
+
 @pytest.mark.parametrize("preset", ["fast95", "fast96"])
 def test_wider_and_residual_presets_take_a_step(preset, tmp_path):
     data = str(tmp_path / "data")
@@ -362,7 +386,7 @@ def test_gradient_clipping_leaves_out_a_parameter_whose_training_has_ended():
     model = build_model("fast94")
     args = get_args(["--preset", "fast94", "--epochs", "4"])
     optimizers = make_optimizers(model, args)
-    schedulers = make_schedulers(optimizers, 2, args)
+    schedulers = make_schedulers(optimizers, 2, lr_schedule(args, args.epochs * 2))
     assert any(p is model.whiten.bias for p in training_parameters(model, optimizers))
     for _ in range(6):                               # 3 epochs of 2 steps (without gradients)
         for opt, sched in zip(optimizers, schedulers):
@@ -438,17 +462,17 @@ def resumed_from_epoch_1(run, tmp_path, rng):
     return run_main("train.py", "--resume", out, *CPU_FP32), out
 
 
-def test_a_checkpoint_from_before_each_process_kept_its_states_resumes_exactly(
-        two_epoch_seed_run, tmp_path):
-    """Its random states as the repo wrote them until 2026-12: the CPU's and the batch order's
-    alone. The resume restores both, ends with the run's own weights and has nothing to say."""
+def test_a_checkpoint_of_another_layout_is_refused_in_one_line(two_epoch_seed_run, tmp_path):
+    """Its random states as the repo wrote them until 2026-12 (the CPU's and the batch order's
+    alone): not resumed, and no previous checkpoint offered (it has that layout too)."""
     run, _ = two_epoch_seed_run
     result, out = resumed_from_epoch_1(run, tmp_path, lambda states: {
         "torch": states["processes"][0]["cpu"], "data": states["data"]})
-    assert result.returncode == 0, result.stderr
-    assert "note:" not in result.stderr
-    a, b = (torch.load(d / "weights.pt", weights_only=True)["state_dict"] for d in (run, out))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert result.returncode == 2
+    assert result.stderr == (f"error: {out / 'checkpoint.pt'} was written by another version "
+                             f"of train.py (another checkpoint layout): it cannot resume here; "
+                             f"start a new run\n")
+    assert not (out / "weights.pt").exists()
 
 
 @pytest.mark.parametrize("processes, note", [
