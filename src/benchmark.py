@@ -145,7 +145,7 @@ def ratios_to_first(rows):
             for name, seconds, _, _ in rows}
 
 
-def main(argv=None):
+def make_parser():
     p = cli.parser(__file__, __doc__)
     cli.add_device_flags(p, "With --conv, bf16 runs with channels_last, after the float32 "
                             "network steps; the timing study runs float32")
@@ -180,6 +180,11 @@ def main(argv=None):
     p.add_argument("--hand-variant", default="function",
                    choices=sorted(conv_benchmark.HAND_VARIANTS),
                    help="--conv: which formulation of the hand-written conv to time per layer")
+    return p
+
+
+def main(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     unknown = set(args.variants.split(",")) - set(VARIANTS) - {""}
     if unknown:

@@ -1,14 +1,17 @@
 """The results reproduce.py re-measures, one job each, in the README's order of importance.
 
-A job has sizes, largest first (more runs, more epochs, more layers): reproduce.py runs the
-first whose estimate fits what is left of the budget. For each kind of job, three functions:
-the command of a size, its expected seconds from the calibration, and its row from the files
+A job has a ladder of flags, largest first (more runs, more epochs, more layers): reproduce.py
+runs the first rung whose estimate fits what is left of the budget. The estimates come from
+training steps of the job's networks timed on the machine at hand (`Costs`). For each kind of
+job, three functions: the command of a rung, its expected seconds, and its row from the files
 the command wrote.
 """
 import glob
 import json
 import os
 import statistics
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -24,8 +27,8 @@ COMPILE_SECONDS = {"cpu": 200, "cuda": 60}
 FORWARD_SHARE = 1 / 3               # a forward pass as a share of a training step (fwd + bwd)
 
 
-def job(name, label, kind, *sizes, dataset="cifar10"):
-    return {"name": name, "label": label, "kind": kind, "sizes": sizes, "dataset": dataset}
+def job(name, label, kind, *ladder, dataset="cifar10"):
+    return {"name": name, "label": label, "kind": kind, "ladder": ladder, "dataset": dataset}
 
 
 LITE0 = "efficientnet_lite0"
@@ -66,36 +69,36 @@ WEIGHTS_NETWORKS = {"seed_cifar10.pt": ("seed", 32), "fast94_cifar10.pt": ("fast
                     "efficientnet_lite0_cifar10.pt": (LITE0, 128)}
 
 
-def preset_of(size):
-    return PRESETS[size.get("preset", "finetune")]
+def preset_of(flags):
+    return PRESETS[flags.get("preset", "finetune")]
 
 
-def networks(job_, size):
-    """The (network, image size) pairs a size of a job trains or runs, with their batch size."""
+def networks(job_, flags):
+    """The (network, image size) pairs a rung of a job trains or runs, with their batch size."""
     if job_["kind"] == "train":
-        name = size.get("pretrained") or preset_of(size)["model"]
-        return [((name, size.get("image_size", 32)), preset_of(size)["batch_size"])]
+        name = flags.get("pretrained") or preset_of(flags)["model"]
+        return [((name, flags.get("image_size", 32)), preset_of(flags)["batch_size"])]
     if job_["kind"] == "conv":
-        layers = layer_networks(size)
-        return layers + [step for step in step_networks(size) if step not in layers]
+        layers = layer_networks(flags)
+        return layers + [step for step in step_networks(flags) if step not in layers]
     if job_["kind"] == "timing":
         return [(("seed", 32), 128)]
-    net = WEIGHTS_NETWORKS[size["weights"]]
+    net = WEIGHTS_NETWORKS[flags["weights"]]
     return [(net, PRESETS["finetune" if net[0] == LITE0 else net[0]]["batch_size"])]
 
 
-def layer_networks(size):
+def layer_networks(flags):
     """The (network, image size) pairs, with their preset batch, of a conv job's layer table."""
-    return [((name, 32), PRESETS[name]["batch_size"]) for name in size["models"].split(",")]
+    return [((name, 32), PRESETS[name]["batch_size"]) for name in flags["models"].split(",")]
 
 
-def step_networks(size):
+def step_networks(flags):
     """The (network, image size) pairs, with their preset batch, of a conv job's
     whole-network steps (benchmark.py --step-models; all: every preset's network)."""
-    if size["step_models"] != "all":
+    if flags["step_models"] != "all":
         return [((name, 32), PRESETS[name]["batch_size"])
-                for name in size["step_models"].split(",")]
-    step_image = 64 if size.get("step_batch") else 224
+                for name in flags["step_models"].split(",")]
+    step_image = 64 if flags.get("step_batch") else 224
     return [((name, 32), PRESETS[name]["batch_size"]) for name in CONV_ALL.split(",")] + \
         [((LITE0, step_image), PRESETS["finetune"]["batch_size"])]
 
@@ -103,43 +106,52 @@ def step_networks(size):
 # ----------------------------------------------------------------------------------------------
 # Commands: each a list of arguments after the Python interpreter.
 
-def command(job_, size, ctx):
-    """The command of one size of a job; ctx: dict(device, precision, data_dir, out)."""
+class Target(NamedTuple):
+    """Where and how the jobs run: the device type, the precision, the data folder, and the
+    folder a job's command writes to."""
+    device: str
+    precision: str
+    data_dir: str
+    out: str
+
+
+def command(job_, flags, target):
+    """The command of one rung of a job, run as `target` says."""
     # The timing study runs float32 only; the shipped weights' rows were measured in float32.
-    precision = ctx["precision"] if job_["kind"] in ("train", "conv") else "fp32"
-    common = ["--device", ctx["device"], "--precision", precision]
+    precision = target.precision if job_["kind"] in ("train", "conv") else "fp32"
+    common = ["--device", target.device, "--precision", precision]
     script = {"train": "train.py", "conv": "benchmark.py", "timing": "benchmark.py",
               "weights": "inference.py"}[job_["kind"]]
-    return [os.path.relpath(os.path.join(SRC, script))] + COMMANDS[job_["kind"]](size, ctx) \
-        + common
+    return [os.path.relpath(os.path.join(SRC, script))] + \
+        COMMANDS[job_["kind"]](flags, target) + common
 
 
-def train_args(size, ctx):
-    args = ["--preset", size.get("preset", "finetune"), "--data-dir", ctx["data_dir"],
-            "--out", ctx["out"]]
+def train_args(flags, target):
+    args = ["--preset", flags.get("preset", "finetune"), "--data-dir", target.data_dir,
+            "--out", target.out]
     for key in ("pretrained", "image_size", "epochs", "runs", "dataset"):
-        if key in size:
-            args += [f"--{key.replace('_', '-')}", str(size[key])]
+        if key in flags:
+            args += [f"--{key.replace('_', '-')}", str(flags[key])]
     return args
 
 
-def conv_args(size, ctx):
-    steps = (["--step-batch", str(size["step_batch"]), "--image-size", "64"]
-             if size.get("step_batch") else [])
-    return ["--conv", "--models", size["models"], "--repeats", str(size["repeats"]),
-            "--warmup", str(size["warmup"]), "--epoch-images", str(size["epoch_images"]),
-            "--step-models", size["step_models"], *steps,
-            "--json", os.path.join(ctx["out"], "ratios.json")]
+def conv_args(flags, target):
+    steps = (["--step-batch", str(flags["step_batch"]), "--image-size", "64"]
+             if flags.get("step_batch") else [])
+    return ["--conv", "--models", flags["models"], "--repeats", str(flags["repeats"]),
+            "--warmup", str(flags["warmup"]), "--epoch-images", str(flags["epoch_images"]),
+            "--step-models", flags["step_models"], *steps,
+            "--json", os.path.join(target.out, "ratios.json")]
 
 
-def timing_args(size, ctx):
-    return ["--epoch-images", str(size["epoch_images"]),
-            "--json", os.path.join(ctx["out"], "ratios.json")]
+def timing_args(flags, target):
+    return ["--epoch-images", str(flags["epoch_images"]),
+            "--json", os.path.join(target.out, "ratios.json")]
 
 
-def weights_args(size, ctx):
-    return ["--weights", os.path.relpath(os.path.join(WEIGHTS, size["weights"])), "--data-dir",
-            ctx["data_dir"], "--json", "--tta", str(size["tta"])]
+def weights_args(flags, target):
+    return ["--weights", os.path.relpath(os.path.join(WEIGHTS, flags["weights"])),
+            "--data-dir", target.data_dir, "--json", "--tta", str(flags["tta"])]
 
 
 COMMANDS = {"train": train_args, "conv": conv_args, "timing": timing_args,
@@ -147,65 +159,74 @@ COMMANDS = {"train": train_args, "conv": conv_args, "timing": timing_args,
 
 
 # ----------------------------------------------------------------------------------------------
-# Estimates. cal: {"step": {(network, image size): seconds of one training step at its batch
-# size}, "first": the same for a first step (its warm-up), "process": seconds a script takes
-# to start and read the dataset, "images": {dataset: (train, test) counts}, "device": type}.
+# Estimates
 
-def estimate(job_, size, cal):
-    """Expected seconds of one size of a job on this machine."""
-    return cal["process"] + ESTIMATES[job_["kind"]](job_, size, cal)
+@dataclass
+class Costs:
+    """What reproduce.py measured on this machine, which every estimate is made of."""
+    device: str            # the device type
+    start: float           # seconds for a script to start and read the dataset
+    images: dict           # {dataset: (training images, test images)}
+    step: dict             # {(network, image size): seconds of a training step at its batch}
+    first: dict            # the same for a network's first step (its warm-up included)
 
 
-def warmup(cal, net):
-    return max(cal["first"][net] - cal["step"][net], 0)
+def estimate(job_, flags, costs):
+    """Expected seconds of one rung of a job on this machine; None where a network of it has
+    no timed step."""
+    if any(net not in costs.step for net, _ in networks(job_, flags)):
+        return None
+    return costs.start + ESTIMATES[job_["kind"]](job_, flags, costs)
 
 
-def train_seconds(job_, size, cal):
-    preset = preset_of(size)
-    (net, batch), = networks(job_, size)
-    n_train, n_test = cal["images"][size.get("dataset", "cifar10")]
+def warmup(costs, net):
+    return max(costs.first[net] - costs.step[net], 0)
+
+
+def train_seconds(job_, flags, costs):
+    preset = preset_of(flags)
+    (net, batch), = networks(job_, flags)
+    n_train, n_test = costs.images[flags.get("dataset", "cifar10")]
     val = min(preset["val_size"], n_train)
-    epochs = size.get("epochs", preset["epochs"])
+    epochs = flags.get("epochs", preset["epochs"])
     steps = (n_train - val) // batch * epochs
-    forward = cal["step"][net] / batch * FORWARD_SHARE        # per image
+    forward = costs.step[net] / batch * FORWARD_SHARE        # per image
     views = TTA_VIEWS[preset["tta"]] + (1 if preset["tta"] else 0)   # with TTA and without
     evaluation = (val * epochs + n_test * views) * forward
-    return size.get("runs", 1) * (steps * cal["step"][net] + evaluation + warmup(cal, net))
+    return flags.get("runs", 1) * (steps * costs.step[net] + evaluation + warmup(costs, net))
 
 
-def conv_seconds(job_, size, cal):
+def conv_seconds(job_, flags, costs):
     """Per layer shape: warm-up and repeats of an inference and a training step, hand and
-    native (about two training steps of the network in all); on a CPU a process per shape
-    measures peak memory. Then one epoch of each whole network, hand and native; then 4 steps
-    of every preset's network in each of 3 forms and 2 precisions, at the size's step batch."""
-    total = 0
-    for net, batch in step_networks(size):
-        total += 3 * 4 * 2 * cal["step"][net] * (size.get("step_batch") or batch) / batch
-    for net, batch in layer_networks(size):
-        calls = size["warmup"] + size["repeats"]
-        total += calls * 2 * (1 + FORWARD_SHARE) * cal["step"][net] + 2 * warmup(cal, net)
-        total += 2 * (size["epoch_images"] // batch) * cal["step"][net]
-        if cal["device"] == "cpu":
-            total += cal["layers"][net[0]] * cal["process"]
+    native (about two training steps of the network in all); on a CPU a process measures
+    their peak memory. Then one epoch of each whole network, hand and native; then 4 steps of
+    every preset's network in each of 3 forms and 2 precisions, at the rung's step batch."""
+    total = costs.start if costs.device == "cpu" else 0
+    for net, batch in step_networks(flags):
+        total += 3 * 4 * 2 * costs.step[net] * (flags.get("step_batch") or batch) / batch
+    for net, batch in layer_networks(flags):
+        calls = flags["warmup"] + flags["repeats"]
+        total += calls * 2 * (1 + FORWARD_SHARE) * costs.step[net] + 2 * warmup(costs, net)
+        total += 2 * (flags["epoch_images"] // batch) * costs.step[net]
     return total
 
 
-def timing_seconds(job_, size, cal):
+def timing_seconds(job_, flags, costs):
     """Five ways of running the seed net's forward (2 of them compiled), 24 calls each; then
     an epoch eager and one compiled."""
-    step = cal["step"][("seed", 32)]
-    compile_s = COMPILE_SECONDS.get(cal["device"], COMPILE_SECONDS["cuda"])
+    step = costs.step[("seed", 32)]
+    compile_s = COMPILE_SECONDS.get(costs.device, COMPILE_SECONDS["cuda"])
     total = 5 * 24 * step * FORWARD_SHARE + 2 * compile_s
-    if size["epoch_images"]:
-        total += 2 * size["epoch_images"] / 128 * step + compile_s
-    return total + warmup(cal, ("seed", 32))
+    if flags["epoch_images"]:
+        total += 2 * flags["epoch_images"] / 128 * step + compile_s
+    return total + warmup(costs, ("seed", 32))
 
 
-def weights_seconds(job_, size, cal):
-    (net, batch), = networks(job_, size)
-    n_test = cal["images"]["cifar10"][1]
-    forward = cal["step"][net] / batch * FORWARD_SHARE
-    return n_test * TTA_VIEWS[size["tta"]] * forward + warmup(cal, net)
+def weights_seconds(job_, flags, costs):
+    (net, batch), = networks(job_, flags)
+    n_test = costs.images["cifar10"][1]
+    forward = costs.step[net] / batch * FORWARD_SHARE
+    return n_test * TTA_VIEWS[flags["tta"]] * forward + warmup(costs, net)
 
 
 ESTIMATES = {"train": train_seconds, "conv": conv_seconds, "timing": timing_seconds,
@@ -215,8 +236,8 @@ ESTIMATES = {"train": train_seconds, "conv": conv_seconds, "timing": timing_seco
 # ----------------------------------------------------------------------------------------------
 # Results: (metric, value, text) from what a job's command wrote in its folder (and stdout).
 
-def read_result(job_, size, out, stdout):
-    return READERS[job_["kind"]](size, out, stdout)
+def read_result(job_, flags, out, stdout):
+    return READERS[job_["kind"]](flags, out, stdout)
 
 
 def percent(values):
@@ -225,7 +246,7 @@ def percent(values):
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f} %"
 
 
-def train_result(size, out, stdout):
+def train_result(flags, out, stdout):
     files = sorted(glob.glob(os.path.join(out, "weights.pt")) +
                    glob.glob(os.path.join(out, "run*", "weights.pt")))
     runs = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
@@ -238,8 +259,8 @@ def train_result(size, out, stdout):
         text += (f" with TTA ({percent([r['test_accuracy_without_tta'] for r in runs])} "
                  f"without)")
     text += f", {first['epochs']} epoch" + ("s" if first["epochs"] != 1 else "")
-    if first.get("image_size"):
-        text += f" at {first['image_size']} px"
+    if first.get("image_flags"):
+        text += f" at {first['image_flags']} px"
     if len(runs) > 1:
         text += f", {len(runs)} runs (mean ± std)"
     seconds = statistics.mean(r["train_seconds"] for r in runs)
@@ -248,24 +269,25 @@ def train_result(size, out, stdout):
     return metric, statistics.mean(accuracy), text
 
 
-def conv_result(size, out, stdout):
+def conv_result(flags, out, stdout):
     with open(os.path.join(out, "ratios.json")) as f:
         r = json.load(f)
     text = (f"{r['train']:.2f}x training step, {r['infer']:.2f}x inference (geomean of "
-            f"{r['layers']} layer shapes of {size['models'].replace(',', ', ')}, {r['precision']})")
+            f"{r['layers']} layer shapes of {flags['models'].replace(',', ', ')}, "
+            f"{r['precision']})")
     if r["networks"]:
         text += "; whole-network epochs: " + ", ".join(f"{k} {v:.2f}x"
                                                        for k, v in r["networks"].items())
     if r["steps"]:
         worst = max(((v, f"{net}, {layout}") for net, ratios in r["steps"].items()
                      for layout, v in ratios.items()))
-        batch = f"batch {size['step_batch']}" if size.get("step_batch") else "preset batches"
+        batch = f"batch {flags['step_batch']}" if flags.get("step_batch") else "preset batches"
         text += (f"; whole-network training steps ({len(r['steps'])}, {batch}), hand / native "
                  f"channels_last: at most {worst[0]:.2f}x ({worst[1]})")
     return "hand / native time, training step (geomean)", r["train"], text
 
 
-def timing_result(size, out, stdout):
+def timing_result(flags, out, stdout):
     with open(os.path.join(out, "ratios.json")) as f:
         r = json.load(f)
 
@@ -280,9 +302,9 @@ def timing_result(size, out, stdout):
     return "torch.compile / eager time, forward", r["forward"].get("torch.compile"), text
 
 
-def weights_result(size, out, stdout):
+def weights_result(flags, out, stdout):
     accuracy = json.loads(stdout)["accuracy"]
-    tta = f" with TTA ({TTA_LEVELS[size['tta']]})" if size["tta"] else ""
+    tta = f" with TTA ({TTA_LEVELS[flags['tta']]})" if flags["tta"] else ""
     return "test accuracy" + (" with TTA" if tta else ""), accuracy, \
         f"{100 * accuracy:.2f} %{tta}"
 

@@ -4,14 +4,13 @@
     ./reproduce.sh --budget 150 --device cpu --data-dir data --only conv,weights-seed
 
 First a calibration, counted in the budget: how long a script takes to start and read the
-dataset, and a training step of each network the jobs need, cheapest first (the seed net
-always), while that stays within a twentieth of the budget; the others' steps are estimated
-from their FLOP counts. Then the jobs (src/jobs.py), in the README's order of importance: each
-runs as a process of train.py, benchmark.py or inference.py, at its largest size whose
-estimate fits what is left of the budget (its networks timed first where they were only
-estimated), and is stopped when the budget runs out; a job that no size of fits is recorded as
-skipped with the time it would need here, one that fails with its one-line error.
-OUT/results.json and OUT/results.md (the README's table) are rewritten after each job.
+dataset, and a training step of each network the jobs need, in the jobs' order, while that
+stays within a twentieth of the budget. Then the jobs (src/jobs.py), in the README's order of
+importance: each runs as a process of train.py, benchmark.py or inference.py, at the largest
+rung of its ladder whose estimate (from the timed steps) fits what is left of the budget, and
+is stopped when the budget runs out; a job that no rung of fits is recorded as skipped (with
+the time it would need here, where its steps were timed), one that fails with its one-line
+error. OUT/results.json and OUT/results.md (the README's table) are rewritten after each job.
 """
 import json
 import math
@@ -24,18 +23,16 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 import cli
 import jobs
 from conv_benchmark import network
-from timing import random_epoch, train_epoch_seconds
 from data import DataError, load_cifar
 from device import keep_freed_memory, machine, pick_device
 from precision import pick_precision
-from presets import PRESETS
 from pretrained import BACKBONES, PretrainedError, lite_weights_file
+from timing import random_epoch, train_epoch_seconds
 
 CALIBRATION_SHARE = 1 / 20
 
@@ -67,9 +64,6 @@ def get_args(argv=None):
         p.error(f"{args.out} holds the results of an earlier run; give another --out")
     return args
 
-
-# ----------------------------------------------------------------------------------------------
-# Calibration
 
 def child_env(packages):
     env = dict(os.environ)
@@ -108,27 +102,9 @@ def dataset_images(data_dir, datasets):
     return images, missing, seconds
 
 
-def macs_per_image(net):
-    """Multiply-adds of one image's forward pass through the convs and linear layers, and the
-    number of conv layers."""
-    model = network(net[0], "native", net[1]).eval()
-    counts = []
-
-    def count(m, inputs, out):
-        per_output = (m.in_channels // m.groups * math.prod(m.kernel_size)
-                      if isinstance(m, nn.Conv2d) else m.in_features)
-        counts.append(out[0].numel() * per_output)
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    for m in layers:
-        m.register_forward_hook(count)
-    with torch.no_grad():
-        model(torch.zeros(1, 3, 32, 32))
-    return sum(counts), sum(isinstance(m, nn.Conv2d) for m in layers)
-
-
 def step_seconds(net, batch, device, dtype):
     """(first, later) seconds of a training step of `net` (hand-written convs) on `batch` random
-    images, timed by benchmark.py's epoch timer; where a step is short, the later one is the
+    images, timed by timing.py's epoch timer; where a step is short, the later one is the
     mean of five more."""
     torch.manual_seed(0)
     model = network(net[0], "hand", net[1]).to(device)
@@ -140,79 +116,54 @@ def step_seconds(net, batch, device, dtype):
     return first, epoch / 6
 
 
-def time_step(cal, net, device, dtype):
-    """Time `net`'s step at its batch size into cal."""
-    cal["first"][net], cal["step"][net] = step_seconds(net, cal["batch"][net], device, dtype)
-    cal["timed"].add(net)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()     # the jobs' processes need the memory
-
-
-def estimate_untimed(cal):
-    """The steps of the networks not timed, from their FLOP counts at the rate (seconds per
-    multiply-add) of the costliest network timed, plus its warm-up."""
-    def cost(net):
-        return cal["batch"][net] * cal["macs"][net]
-    ref = max(cal["timed"], key=cost)
-    rate, warmup = cal["step"][ref] / cost(ref), cal["first"][ref] - cal["step"][ref]
-    for net in set(cal["macs"]) - cal["timed"]:
-        cal["step"][net] = cost(net) * rate
-        cal["first"][net] = cal["step"][net] + warmup
-
-
 def calibrate(selected, args, device, dtype, spent):
-    """cal (see jobs.py) for the networks of the jobs `selected`: each timed, cheapest first
-    (the seed net always), while the calibration stays within its share of the budget, the
-    others estimated from their FLOP counts. `spent()`: seconds of the budget used so far."""
+    """The `jobs.Costs` of this machine for the jobs `selected`, and {network: why it cannot
+    run here} for those that do not build. Each network's step is timed in the jobs' order
+    while the calibration stays within its share of the budget. `spent()`: seconds of the
+    budget used so far."""
     images, missing, read_seconds = dataset_images(args.data_dir,
                                                    {j["dataset"] for j in selected})
-    cal = {"device": device.type, "images": images, "missing": missing,
-           "process": process_seconds(child_env(args.packages), device) + read_seconds,
-           "step": {}, "first": {}, "timed": set(), "layers": {}, "errors": {}, "macs": {},
-           "batch": {("seed", 32): PRESETS["seed"]["batch_size"]}}
-    cal["batch"].update({net: batch for j in selected if j["dataset"] in images
-                         for size in j["sizes"] for net, batch in jobs.networks(j, size)})
-    for net in cal["batch"]:
+    costs = jobs.Costs(device.type, process_seconds(child_env(args.packages), device) +
+                       read_seconds, images, {}, {})
+    batches = {net: batch for j in selected if j["dataset"] in images
+               for flags in reversed(j["ladder"]) for net, batch in jobs.networks(j, flags)}
+    errors = {}
+    for net, batch in tqdm(batches.items(), desc="calibration", file=sys.stderr, leave=False):
+        if costs.step and spent() > CALIBRATION_SHARE * args.budget:
+            break
         try:
-            cal["macs"][net], cal["layers"][net[0]] = macs_per_image(net)
+            costs.first[net], costs.step[net] = step_seconds(net, batch, device, dtype)
         except (PretrainedError, ImportError, RuntimeError) as e:
-            cal["errors"][net] = str(e).splitlines()[0]
-    for net in tqdm(sorted(cal["macs"], key=lambda n: cal["batch"][n] * cal["macs"][n]),
-                    desc="calibration", file=sys.stderr, leave=False):
-        if cal["timed"]:
-            estimate_untimed(cal)
-            if spent() + cal["first"][net] + cal["step"][net] > CALIBRATION_SHARE * args.budget:
-                break
-        time_step(cal, net, device, dtype)
-    estimate_untimed(cal)
-    return cal
+            errors[net] = str(e).splitlines()[0]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()     # the jobs' processes need the memory
+    return costs, missing, errors
 
 
-# ----------------------------------------------------------------------------------------------
-# Planning and running
+def choose(job, costs, left):
+    """(flags, estimate, fits): the job's largest rung whose estimate fits in `left` seconds;
+    else the smallest rung with an estimate (None if no rung has one: its steps were not
+    timed) and False."""
+    estimates = [(flags, jobs.estimate(job, flags, costs)) for flags in job["ladder"]]
+    for flags, seconds in estimates:
+        if seconds is not None and seconds <= left:
+            return flags, seconds, True
+    known = [(flags, seconds) for flags, seconds in estimates if seconds is not None]
+    return *(known[-1] if known else estimates[-1]), False
 
-def choose(job, cal, left):
-    """(size, estimate, fits): the job's largest size whose estimate fits in `left` seconds,
-    else its smallest size and False."""
-    estimates = [(size, jobs.estimate(job, size, cal)) for size in job["sizes"]]
-    for size, seconds in estimates:
-        if seconds <= left:
-            return size, seconds, True
-    return *estimates[-1], False
 
-
-def unavailable(job, cal):
+def unavailable(job, missing, errors):
     """Why the job cannot run here at all (its dataset is missing, its network does not build,
     its ImageNet weights are not found), or None."""
-    if job["dataset"] in cal["missing"]:
-        return cal["missing"][job["dataset"]]
-    for size in job["sizes"]:
-        for net, _ in jobs.networks(job, size):
-            if net in cal["errors"]:
-                return f"{net[0]}: {cal['errors'][net]}"
-        if "package" in BACKBONES.get(size.get("pretrained"), {}):
+    if job["dataset"] in missing:
+        return missing[job["dataset"]]
+    for flags in job["ladder"]:
+        for net, _ in jobs.networks(job, flags):
+            if net in errors:
+                return f"{net[0]}: {errors[net]}"
+        if "package" in BACKBONES.get(flags.get("pretrained"), {}):
             try:
-                lite_weights_file(size["pretrained"])
+                lite_weights_file(flags["pretrained"])
             except PretrainedError as e:
                 return str(e)
     return None
@@ -252,17 +203,18 @@ def last_error(log_path, code):
     return errors[-1] if errors else lines[-1] if lines else f"exit code {code}"
 
 
-def job_command(job, size, ctx):
+def job_command(job, flags, run):
     """The job's folder (OUT/jobs/<job>) and its command, which writes there."""
-    out = os.path.join(ctx["out"], "jobs", job["name"])
-    return out, jobs.command(job, size, {**ctx, "out": out})
+    out = os.path.join(run["out"], "jobs", job["name"])
+    return out, jobs.command(job, flags, jobs.Target(run["device"], run["precision"],
+                                                     run["data_dir"], out))
 
 
-def run_job(job, size, estimate, ctx, deadline, clock):
-    """Run one size of a job; its row's status, metric, value, text, seconds and note."""
-    out, argv = job_command(job, size, ctx)
+def run_job(job, flags, estimate, run, deadline, clock):
+    """Run one rung of a job; its row's status, metric, value, text, seconds and note."""
+    out, argv = job_command(job, flags, run)
     os.makedirs(out, exist_ok=True)
-    code, seconds = run_command(argv, out, job["name"], estimate, deadline, clock, ctx["env"])
+    code, seconds = run_command(argv, out, job["name"], estimate, deadline, clock, run["env"])
     row = {"seconds": round(seconds, 1)}
     if code is None:
         return {**row, "status": "failed", "note": f"stopped when the budget ran out, after "
@@ -271,85 +223,54 @@ def run_job(job, size, estimate, ctx, deadline, clock):
         return {**row, "status": "failed", "note": last_error(out + ".log", code)}
     try:
         with open(out + ".out") as f:
-            metric, value, text = jobs.read_result(job, size, out, f.read())
+            metric, value, text = jobs.read_result(job, flags, out, f.read())
     except (OSError, ValueError, KeyError) as e:
         return {**row, "status": "failed", "note": f"no result: {e}"}
     return {**row, "status": "measured", "metric": metric, "value": value, "text": text}
 
 
-def row_of(job, size, estimate, cal, ctx):
+def row_of(job, flags, estimate, run):
     """A job's row before it runs: the command (runnable as it stands from the folder
     reproduce.py was started in) and the time it is expected to take."""
-    basis = "timed steps" if all(net in cal["timed"] for net, _ in jobs.networks(job, size)) \
-        else "FLOP counts"
-    _, argv = job_command(job, size, ctx)
-    prefix = [f"PYTHONPATH={ctx['packages']}"] if ctx["packages"] else []
+    _, argv = job_command(job, flags, run)
+    prefix = [f"PYTHONPATH={run['packages']}"] if run["packages"] else []
     return {"job": job["name"], "run": job["label"], "command": shlex.join(
                 prefix + ["python"] + argv),
             "metric": None, "value": None, "text": "", "seconds": None,
-            "estimate": None if estimate is None else round(estimate, 1),
-            "estimate_from": basis}
+            "estimate": None if estimate is None else round(estimate, 1)}
 
 
-def print_plan(selected, cal, left):
-    """How the jobs would run if each took its estimate."""
-    print(f"plan for the {left:.0f} s left after calibration:", file=sys.stderr)
-    for job in selected:
-        reason = unavailable(job, cal)
-        if reason:
-            print(f"  {job['name']:18} skip  {reason}", file=sys.stderr)
-            continue
-        size, estimate, fits = choose(job, cal, left)
-        left -= estimate if fits else 0
-        print(f"  {job['name']:18} {'run ' if fits else 'skip'}  about {estimate:,.0f} s  ("
-              + ", ".join(f"{k} {v}" for k, v in size.items()) + ")", file=sys.stderr)
-
-
-def time_untimed(job, size, cal, left, time_network):
-    """Time the steps of `size`'s networks that were estimated from FLOP counts, where that
-    takes under a quarter of what is left (a job starts from timed steps wherever it can);
-    whether any was timed."""
-    untimed = [net for net, _ in jobs.networks(job, size) if net not in cal["timed"]]
-    if not untimed or time_network is None or \
-            sum(cal["first"][n] + cal["step"][n] for n in untimed) >= left / 4:
-        return False
-    for net in untimed:
-        time_network(net)
-    return True
-
-
-def next_row(job, cal, ctx, deadline, clock, time_network=None):
+def next_row(job, costs, run, deadline, clock):
     """A job's row: skipped if it cannot run here or does not fit what is left, else run."""
-    reason = unavailable(job, cal)
+    reason = unavailable(job, run["missing"], run["errors"])
     if reason:
-        return {**row_of(job, job["sizes"][0], None, cal, ctx), "status": "skipped",
+        return {**row_of(job, job["ladder"][0], None, run), "status": "skipped",
                 "note": reason}
-    size, estimate, fits = choose(job, cal, deadline - clock())
-    if fits and time_untimed(job, size, cal, deadline - clock(), time_network):
-        size, estimate, fits = choose(job, cal, deadline - clock())
-    row = row_of(job, size, estimate, cal, ctx)
+    flags, estimate, fits = choose(job, costs, deadline - clock())
+    row = row_of(job, flags, estimate, run)
+    left = f"{max(deadline - clock(), 0):.0f} s left"
+    if estimate is None:
+        return {**row, "status": "skipped", "note": f"its networks' steps were not timed "
+                f"within the calibration's share of the budget; {left}"}
     if not fits:
-        return {**row, "status": "skipped", "note": f"needs about {row['estimate']:,.0f} s here "
-                f"(estimated from {row['estimate_from']}), {max(deadline - clock(), 0):.0f} s "
-                f"left"}
-    return {**row, **run_job(job, size, estimate, ctx, deadline, clock)}
+        return {**row, "status": "skipped", "note": f"needs about {estimate:,.0f} s here, "
+                                                    f"{left}"}
+    return {**row, **run_job(job, flags, estimate, run, deadline, clock)}
 
 
-def run_jobs(selected, cal, ctx, deadline, clock, write, time_network=None):
-    """Each job in turn, at the size that fits what is left now; `write(rows)` after each.
-    time_network(net): times a network's step into cal (None: the estimates stay)."""
+def run_jobs(selected, costs, run, deadline, clock, write):
+    """Each job in turn, at the rung that fits what is left now; `write(rows)` after each.
+    `run`: how the jobs run (device, precision, data_dir, out, packages, env) and what cannot
+    (missing datasets, networks that do not build)."""
     rows = []
     for job in selected:
-        rows.append(next_row(job, cal, ctx, deadline, clock, time_network))
+        rows.append(next_row(job, costs, run, deadline, clock))
         row = rows[-1]
         tqdm.write(f"{job['name']}: {row['status']}, " + (row["text"] or row["note"]),
                    file=sys.stderr)
         write(rows)
     return rows
 
-
-# ----------------------------------------------------------------------------------------------
-# Results files
 
 def write_results(out, header, rows):
     """OUT/results.json (header + rows) and OUT/results.md (the README's table), each written
@@ -393,17 +314,14 @@ def main(argv=None, clock=time.monotonic):
         dtype, why = pick_precision(args.precision, device)
         selected = [j for j in jobs.JOBS if not args.only or j["name"] in args.only.split(",")]
         os.makedirs(args.out, exist_ok=True)
-        cal = calibrate(selected, args, device, dtype, lambda: clock() - started)
-        header = results_header(args, argv, device, dtype, why, cal, clock() - started)
-        ctx = {"device": device.type, "precision": header["precision"],
-               "data_dir": args.data_dir, "out": args.out, "packages": args.packages,
-               "env": child_env(args.packages)}
-        deadline = started + args.budget
-        print_plan(selected, cal, deadline - clock())
-        rows = run_jobs(selected, cal, ctx, deadline, clock,
-                        lambda rows: write_results(args.out, {**header, "calibration":
-                                                              calibration_rows(cal)}, rows),
-                        lambda net: (time_step(cal, net, device, dtype), estimate_untimed(cal)))
+        costs, missing, errors = calibrate(selected, args, device, dtype,
+                                           lambda: clock() - started)
+        header = results_header(args, argv, device, dtype, why, costs, clock() - started)
+        run = {"device": device.type, "precision": header["precision"], "out": args.out,
+               "data_dir": args.data_dir, "packages": args.packages,
+               "env": child_env(args.packages), "missing": missing, "errors": errors}
+        rows = run_jobs(selected, costs, run, started + args.budget, clock,
+                        lambda rows: write_results(args.out, header, rows))
     except (DataError, ValueError, OSError) as e:
         cli.fail(str(e))
     except KeyboardInterrupt:
@@ -414,22 +332,16 @@ def main(argv=None, clock=time.monotonic):
           f"{os.path.join(args.out, 'results.md')}")
 
 
-def results_header(args, argv, device, dtype, why, cal, calibration_seconds):
-    """What results.json says of the machine, the software, the budget, the calibration."""
+def results_header(args, argv, device, dtype, why, costs, calibration_seconds):
+    """What results.json says of the machine, the software, the budget, the steps timed."""
     return {"device": machine(device), "torch": torch.__version__,
             "python": platform.python_version(),
             "precision": "bf16" if dtype is not None else "fp32", "precision_reason": why,
             "budget": args.budget, "command": shlex.join(
                 ["./reproduce.sh"] + (argv if argv is not None else sys.argv[1:])),
-            "calibration_seconds": round(calibration_seconds, 1)}
-
-
-def calibration_rows(cal):
-    """Each network's step as timed (in the calibration, or before its job) or estimated."""
-    return [{"network": net[0], "image_size": net[1], "batch": batch,
-             "step_seconds": round(cal["step"][net], 4),
-             "from": "timed" if net in cal["timed"] else "FLOP count"}
-            for net, batch in cal["batch"].items() if net in cal["step"]]
+            "calibration_seconds": round(calibration_seconds, 1),
+            "steps": [{"network": net[0], "image_size": net[1], "seconds": round(seconds, 4)}
+                      for net, seconds in costs.step.items()]}
 
 
 if __name__ == "__main__":

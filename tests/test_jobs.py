@@ -9,26 +9,25 @@ import jobs
 from conftest import CPU_FP32, run_main
 from train_flags import get_args
 
-CTX = {"device": "cpu", "precision": "fp32", "data_dir": "data", "out": "out/jobs/x"}
+TARGET = jobs.Target(device="cpu", precision="fp32", data_dir="data", out="out/jobs/x")
 
 
 def job(name):
     return next(j for j in jobs.JOBS if j["name"] == name)
 
 
-def calibration(step, first=None, device="cuda", images=(50000, 10000)):
-    """A cal as reproduce.calibrate makes it, every network `step` seconds a step."""
-    nets = {net for j in jobs.JOBS for size in j["sizes"] for net, _ in jobs.networks(j, size)}
-    return {"device": device, "images": {"cifar10": images, "cifar100": images},
-            "missing": {}, "process": 5.0, "step": dict.fromkeys(nets, step),
-            "first": dict.fromkeys(nets, first or step), "timed": nets,
-            "layers": {net[0]: 10 for net in nets}, "errors": {}}
+def costs_of(step, first=None, device="cuda", images=(50000, 10000)):
+    """Costs as reproduce.calibrate measures them: a 5 s start, every network `step` seconds
+    a step."""
+    nets = {net for j in jobs.JOBS for flags in j["ladder"] for net, _ in jobs.networks(j, flags)}
+    return jobs.Costs(device=device, start=5.0, images={"cifar10": images, "cifar100": images},
+                      step=dict.fromkeys(nets, step), first=dict.fromkeys(nets, first or step))
 
 
 def test_every_job_has_a_command_its_script_accepts():
     for j in jobs.JOBS:
-        for size in j["sizes"]:
-            argv = jobs.command(j, size, CTX)
+        for flags in j["ladder"]:
+            argv = jobs.command(j, flags, TARGET)
             assert os.path.isfile(argv[0]) and argv[-4:] == CPU_FP32, argv
             script = os.path.basename(argv[0])
             parsed = run_main(script, *argv[1:], "--help")    # every flag known, no run
@@ -40,27 +39,35 @@ def test_every_job_has_a_command_its_script_accepts():
 def test_only_training_and_the_conv_table_run_in_bf16():
     """The timing study runs float32 alone; the shipped weights' rows are float32 figures."""
     for j in jobs.JOBS:
-        argv = jobs.command(j, j["sizes"][0], {**CTX, "precision": "bf16"})
+        argv = jobs.command(j, j["ladder"][0], TARGET._replace(precision="bf16"))
         assert argv[-1] == ("bf16" if j["kind"] in ("train", "conv") else "fp32"), argv
 
 
 def test_a_training_estimate_is_its_steps_evaluation_and_start():
-    cal = calibration(0.01, first=1.01)
+    costs = costs_of(0.01, first=1.01)
     # fast94: 50,000 images / 1024 = 48 steps x 12 epochs; the test set with TTA 2 (6 forward
     # passes an image) and without (1), a forward a third of a step; a 1 s warm-up; 5 s start.
     one_run = 576 * 0.01 + 10000 * 7 * 0.01 / 1024 / 3 + 1.0
-    assert jobs.estimate(job("fast94"), {"preset": "fast94", "runs": 5}, cal) == \
+    assert jobs.estimate(job("fast94"), {"preset": "fast94", "runs": 5}, costs) == \
         pytest.approx(5 + 5 * one_run)
     # seed: 45,000 / 128 = 351 steps x 25 epochs, 5,000 validation images each epoch.
-    assert jobs.estimate(job("seed"), {"preset": "seed"}, cal) == pytest.approx(
+    assert jobs.estimate(job("seed"), {"preset": "seed"}, costs) == pytest.approx(
         5 + 8775 * 0.01 + (5000 * 25 + 10000) * 0.01 / 128 / 3 + 1.0)
 
 
 def test_estimates_grow_with_the_size_of_a_job():
-    cal = calibration(0.05, device="cpu")
+    costs = costs_of(0.05, device="cpu")
     for j in jobs.JOBS:
-        estimates = [jobs.estimate(j, size, cal) for size in j["sizes"]]
+        estimates = [jobs.estimate(j, flags, costs) for flags in j["ladder"]]
         assert estimates == sorted(estimates, reverse=True) and estimates[-1] > 5, j["name"]
+
+
+def test_a_rung_whose_networks_were_not_timed_has_no_estimate():
+    costs = costs_of(0.05, device="cpu")
+    del costs.step[("fast96", 32)]
+    conv = job("conv")
+    assert [jobs.estimate(conv, flags, costs) is None for flags in conv["ladder"]] == \
+        [True, True, False]
 
 
 def test_a_training_row_reports_mean_and_std_over_runs(tmp_path, cifar10_dir):
@@ -82,14 +89,14 @@ def test_a_training_row_reports_mean_and_std_over_runs(tmp_path, cifar10_dir):
 
 @pytest.mark.slow    # over 10 s on 2 cores: ./test.sh -m slow
 def test_a_conv_row_is_the_benchmarks_geomeans(tmp_path):
-    size = {"models": "seed", "repeats": 1, "warmup": 1, "epoch_images": 0,
-            "step_models": "seed", "step_batch": 2}
-    argv = jobs.command(job("conv"), size, {**CTX, "out": str(tmp_path)})
+    flags = {"models": "seed", "repeats": 1, "warmup": 1, "epoch_images": 0,
+             "step_models": "seed", "step_batch": 2}
+    argv = jobs.command(job("conv"), flags, TARGET._replace(out=str(tmp_path)))
     assert argv[argv.index("--step-batch") + 1] == "2"
     result = run_main("benchmark.py", *argv[1:], "--batch-size", "2", "--step-repeats", "1")
     assert result.returncode == 0, result.stderr
     ratios = json.loads((tmp_path / "ratios.json").read_text())
-    metric, value, text = jobs.read_result(job("conv"), size, str(tmp_path), "")
+    metric, value, text = jobs.read_result(job("conv"), flags, str(tmp_path), "")
     assert value == ratios["train"] and ratios["layers"] == 3 and ratios["networks"] == {}
     assert result.stdout.splitlines()[-1] == \
         f"geomean train-step ratio (hand/native): {ratios['train']:.2f}"
@@ -101,11 +108,11 @@ def test_a_conv_row_is_the_benchmarks_geomeans(tmp_path):
 
 
 def test_a_weights_row_is_inferences_accuracy(tmp_path, cifar10_dir):
-    size = {"weights": "fast94_cifar10.pt", "tta": 2}
-    argv = jobs.command(job("weights-fast94"), size, {**CTX, "data_dir": cifar10_dir})
+    flags = {"weights": "fast94_cifar10.pt", "tta": 2}
+    argv = jobs.command(job("weights-fast94"), flags, TARGET._replace(data_dir=cifar10_dir))
     result = run_main("inference.py", *argv[1:])
     assert result.returncode == 0, result.stderr
-    metric, value, text = jobs.read_result(job("weights-fast94"), size, str(tmp_path),
+    metric, value, text = jobs.read_result(job("weights-fast94"), flags, str(tmp_path),
                                            result.stdout)
     accuracy = json.loads(result.stdout)["accuracy"]
     assert (metric, value) == ("test accuracy with TTA", accuracy)

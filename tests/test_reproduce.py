@@ -9,7 +9,7 @@ import pytest
 import jobs
 import reproduce
 from conftest import CPU_FP32, run_main
-from test_jobs import calibration, job
+from test_jobs import costs_of, job
 
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)
 
@@ -25,33 +25,35 @@ class StepClock:
         return self.now
 
 
-def test_each_job_takes_its_largest_size_that_fits():
-    cal = calibration(0.01)
+def test_each_job_takes_its_largest_rung_that_fits():
+    costs = costs_of(0.01)
     fast94 = job("fast94")
-    estimates = [jobs.estimate(fast94, size, cal) for size in fast94["sizes"]]
+    estimates = [jobs.estimate(fast94, flags, costs) for flags in fast94["ladder"]]
     for left, runs, fits in ((estimates[0], 5, True), (estimates[0] - 0.1, 3, True),
                              (estimates[2], 1, True), (estimates[2] - 0.1, 1, False)):
-        size, estimate, fit = reproduce.choose(fast94, cal, left)
-        assert (size["runs"], fit) == (runs, fits) and estimate == estimates[[5, 3, 1].index(runs)]
+        flags, estimate, fit = reproduce.choose(fast94, costs, left)
+        assert (flags["runs"], fit) == (runs, fits)
+        assert estimate == estimates[[5, 3, 1].index(runs)]
+    del costs.step[("fast94", 32)]
+    assert reproduce.choose(fast94, costs, 1e9) == (fast94["ladder"][-1], None, False)
 
 
 def test_a_job_past_the_budget_is_stopped_and_the_next_one_skipped(tmp_path, cifar10_dir):
-    cal = calibration(0.001, device="cpu", images=(200, 30))
-    ctx = {"device": "cpu", "precision": "fp32", "data_dir": cifar10_dir, "out": str(tmp_path),
-           "packages": None, "env": dict(os.environ)}
+    costs = costs_of(0.001, device="cpu", images=(200, 30))
+    run = {"device": "cpu", "precision": "fp32", "data_dir": cifar10_dir, "out": str(tmp_path),
+           "packages": None, "env": dict(os.environ), "missing": {}, "errors": {}}
     written = []
     # Readings 60 s apart: the first job is chosen at 0 s (100 s left) and starts at 60 s; the
     # next reading, 120 s, is past the deadline: it is stopped, after 180 - 60 = 120 s. The
     # second job is then chosen with nothing left.
-    rows = reproduce.run_jobs([job("weights-seed"), job("weights-fast94")], cal, ctx,
+    rows = reproduce.run_jobs([job("weights-seed"), job("weights-fast94")], costs, run,
                               deadline=100, clock=StepClock(60), write=written.append)
     first, second = rows
     assert first["status"] == "failed" and first["seconds"] == 120
     assert first["note"] == f"stopped when the budget ran out, after 120 s (estimated " \
                             f"{first['estimate']:.0f} s)"
     assert second["status"] == "skipped" and second["seconds"] is None
-    assert second["note"] == f"needs about {second['estimate']:,.0f} s here (estimated from " \
-                             f"timed steps), 0 s left"
+    assert second["note"] == f"needs about {second['estimate']:,.0f} s here, 0 s left"
     assert written[-1] == rows and len(written) == 2     # the files after each job
 
 
@@ -71,7 +73,7 @@ def test_reproduce_measures_skips_fails_and_writes_both_files(tmp_path, cifar10_
     # The timing study compiles twice, minutes on any CPU: more than the two given.
     assert rows["timing"]["status"] == "skipped" and rows["timing"]["value"] is None
     assert rows["timing"]["note"].startswith(f"needs about {rows['timing']['estimate']:,.0f} s "
-                                             f"here (estimated from timed steps), ")
+                                             f"here, ")
     inference = run_main("inference.py", "--weights", os.path.join(REPO, "weights",
                          "seed_cifar10.pt"), "--data-dir", cifar10_dir, "--json", *CPU_FP32)
     assert rows["weights-seed"]["status"] == "measured"
@@ -93,20 +95,19 @@ def test_reproduce_measures_skips_fails_and_writes_both_files(tmp_path, cifar10_
                                                    f"--out (see --help)\n")
 
 
-def test_a_network_estimated_from_flop_counts_is_timed_before_its_job_runs():
-    cal = calibration(1e-6, device="cpu")
-    cal["timed"].discard(("seed", 32))
-    cal["batch"] = {("seed", 32): 128}
-    seed = job("seed")
-    # Too little time left to time a step (its estimate is 2e-6 s: 1 s left, a quarter of it
-    # is more; 4e-6 s left is not): the FLOP-count estimate stays.
-    assert not reproduce.time_untimed(seed, seed["sizes"][0], cal, 4e-6, time_network=None)
-    assert not reproduce.time_untimed(seed, seed["sizes"][0], cal, 8e-6, lambda net: 1 / 0)
-
-    def time_network(net):
-        reproduce.time_step(cal, net, reproduce.pick_device("cpu"), None)
-    assert reproduce.time_untimed(seed, seed["sizes"][0], cal, 1.0, time_network)
-    assert ("seed", 32) in cal["timed"] and cal["step"][("seed", 32)] > 1e-4   # a real step
+def test_a_job_whose_steps_were_not_timed_is_skipped_and_says_why(tmp_path, cifar10_dir):
+    """A budget of 1 s: the calibration's share is spent on the first network timed (fast94's,
+    the first job's), which leaves the conv table's fast96 untimed."""
+    result = run_main("reproduce.py", "--budget", "1", "--data-dir", cifar10_dir, "--out",
+                      tmp_path / "r", "--only", "fast94,conv", *CPU_FP32)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert [step["network"] for step in results["steps"]] == ["fast94"]
+    fast94, conv = results["rows"]
+    assert fast94["status"] == "skipped" and fast94["note"].startswith("needs about ")
+    assert (conv["status"], conv["estimate"]) == ("skipped", None)
+    assert conv["note"].startswith("its networks' steps were not timed within the "
+                                   "calibration's share of the budget; ")
 
 
 def test_a_missing_dataset_skips_its_jobs(tmp_path, cifar10_dir):
