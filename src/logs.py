@@ -94,11 +94,11 @@ def write_scalars(writer, scalars, epoch):
     writer.flush()
 
 
-def hparams(args):
-    """The run's flags as TensorBoard takes them: numbers, strings and booleans (None as
-    "none", lists as text)."""
+def hparams(flags):
+    """The run's flags ({name: value}) as TensorBoard takes them: numbers, strings and booleans
+    (None as "none", lists as text)."""
     values = {}
-    for name, value in sorted(vars(args).items()):
+    for name, value in sorted(flags.items()):
         if value is None:
             value = "none"
         elif not isinstance(value, (bool, int, float, str)):
@@ -107,15 +107,16 @@ def hparams(args):
     return values
 
 
-def write_hparams(writer, args, metrics):
-    """The HPARAMS entry: the flags, and `metrics` ({name: number}) as its columns, in this
-    run's own event file (SummaryWriter.add_hparams would open a second run folder)."""
+def write_hparams(writer, flags, metrics):
+    """The HPARAMS entry: the flags ({name: value}), and `metrics` ({name: number}) as its
+    columns, in this run's own event file (SummaryWriter.add_hparams would open a second run
+    folder)."""
     from torch.utils.tensorboard.summary import hparams as hparams_summary
     metric_tags = {f"hparams/{name}": value for name, value in metrics.items()}
-    for summary in hparams_summary(hparams(args), metric_tags):
+    for summary in hparams_summary(hparams(flags), metric_tags):
         writer._get_file_writer().add_summary(summary)
     for tag, value in metric_tags.items():
-        writer.add_scalar(tag, value, args.epochs)
+        writer.add_scalar(tag, value, flags["epochs"])
 
 
 def confusion_figure(confusion, classes, title):

@@ -272,9 +272,9 @@ def write_final_logs(run, scalars, predictions):
     args, epoch = run.args, run.args.epochs
     final = scalars.get("test/accuracy_tta", scalars["test/accuracy"])
     logs.write_scalars(run.writer, scalars, epoch)
-    logs.write_hparams(run.writer, args, {"test_accuracy": final,
-                                          "test_accuracy_without_tta": scalars["test/accuracy"],
-                                          "train_seconds": run.timed_seconds})
+    logs.write_hparams(run.writer, saved_flags(args), {
+        "test_accuracy": final, "test_accuracy_without_tta": scalars["test/accuracy"],
+        "train_seconds": run.timed_seconds})
     logs.write_test_figures(run.writer, run.data, predictions, epoch,
                             f"{run_label(args)}: test set, {final:.2%}")
 

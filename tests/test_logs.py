@@ -92,8 +92,7 @@ def test_confusion_matrix_counts_true_classes_by_row():
 
 
 def test_hparams_are_values_tensorboard_takes():
-    from types import SimpleNamespace
-    args = SimpleNamespace(lr=0.1, epochs=3, preset="seed", out=None, tta=0,
-                           widths=[64, 128], flag=True)
-    assert logs.hparams(args) == {"lr": 0.1, "epochs": 3, "preset": "seed", "out": "none",
+    flags = {"lr": 0.1, "epochs": 3, "preset": "seed", "out": None, "tta": 0,
+             "widths": [64, 128], "flag": True}
+    assert logs.hparams(flags) == {"lr": 0.1, "epochs": 3, "preset": "seed", "out": "none",
                                   "tta": 0, "widths": "[64, 128]", "flag": True}

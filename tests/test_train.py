@@ -369,6 +369,9 @@ def test_training_reads_its_flags_and_never_writes_them(cifar10_dir, tmp_path):
         plans.set_measuring(None)
     assert f"resuming {tmp_path / 'runs' / 'run1'} after epoch 1" in err.getvalue()
     assert [vars(args) for args in (runs, resumed)] == before
+    saved = torch.load(tmp_path / "runs" / "run1" / "checkpoint.pt", weights_only=True)["args"]
+    assert saved == {k: v for k, v in before[0].items() if k != "given"} | {
+        "out": str(tmp_path / "runs" / "run1"), "seed": 1}      # which flags were typed: not
 
 
 @pytest.mark.parametrize("preset", ["fast95", "fast96"])
