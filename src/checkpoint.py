@@ -27,7 +27,8 @@ class Checkpoint:
     lookahead: dict        # the lookahead's slow weights ({} without lookahead)
     conv_plans: dict       # the conv variants the run chose (conv/plans.py), kept on a resume
     precision: str         # "bf16" or "fp32": what a resume with --precision auto runs in
-    partial: dict | None   # a stop within an epoch: its steps, batch order and loss sums
+    partial: dict | None   # a stop within an epoch: its steps, batch order and loss sums (in
+    #                        the file only then)
 
 
 # What marks a file as a training checkpoint (of any version of the repo).
@@ -36,12 +37,14 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "rng", "args")
 
 def save_checkpoint(ckpt, folder):
     """FOLDER/checkpoint.pt, written atomically, the previous one kept beside it."""
-    atomic_save(vars(ckpt), os.path.join(folder, "checkpoint.pt"), keep_previous=True)
+    saved = {k: v for k, v in vars(ckpt).items() if k != "partial" or v is not None}
+    atomic_save(saved, os.path.join(folder, "checkpoint.pt"), keep_previous=True)
 
 
 def as_checkpoint(saved, path):
     """The `Checkpoint` of a loaded file; a file of another layout is one line."""
     names = {f.name for f in dataclasses.fields(Checkpoint)}
+    saved = {"partial": None, **saved}
     if set(saved) != names or "processes" not in saved["rng"]:
         raise DataError(f"{path} was written by another version of train.py (another "
                         f"checkpoint layout): it cannot resume here; start a new run")
@@ -180,7 +183,7 @@ def restore(ckpt, model, optimizers, schedulers, lookahead, data_gen, device, re
     model.load_state_dict(ckpt.model)
     if [len(s["param_groups"]) for s in ckpt.optimizer] != [len(o.param_groups)
                                                            for o in optimizers]:
-        raise ValueError("the checkpoint was written by another version of this repo (other "
+        raise ValueError("its checkpoint was written by another version of this repo (other "
                          "optimiser parameter groups): it cannot resume here; start a new run")
     for obj, state in zip(optimizers + schedulers, ckpt.optimizer + ckpt.scheduler):
         obj.load_state_dict(state)
@@ -259,11 +262,12 @@ def checkpoint_position(ckpt):
 def resumed_run(args):
     """With --resume: (the checkpoint, the file --resume named or None, the run's own flags as
     new values: those of the checkpoint, but where and how it runs as typed now, the device as
-    typed or auto; see check_resume_flags). Otherwise (None, None, args)."""
+    typed or auto, see check_resume_flags; a flag the checkpoint lacks as parsed now).
+    Otherwise (None, None, args)."""
     if not args.resume:
         return None, None, args
     ckpt, run_dir = read_checkpoint(args.resume)
     check_resume_flags(args, args.given, ckpt.args)
     typed = {k: getattr(args, k) for k in RESUME_FLAGS if k in args.given or k == "device"}
     return ckpt, checkpoint_file(args.resume), argparse.Namespace(
-        **{**ckpt.args, **typed, "resume": run_dir, "out": run_dir, "given": args.given})
+        **{**vars(args), **ckpt.args, **typed, "resume": run_dir, "out": run_dir})

@@ -208,7 +208,8 @@ def network_table(args, device, dtype, names):
     inputs of ours."""
     layout = torch.channels_last if dtype is not None else torch.contiguous_format
     print(f"\n| network | epoch of {args.epoch_images} images, hand s | native "
-          f"({str(layout).removeprefix('torch.')}) s | ratio |\n|---|---:|---:|---:|")
+          f"({'channels_last' if dtype is not None else 'contiguous'}) s | ratio |\n"
+          f"|---|---:|---:|---:|")
     images, labels = random_epoch(args.epoch_images, device)
     images = images.contiguous(memory_format=layout)
     ratios = {}

@@ -199,15 +199,18 @@ def train_seconds(job_, flags, costs):
 def conv_seconds(job_, flags, costs):
     """Per layer shape: warm-up and repeats of an inference and a training step, hand and
     native (about two training steps of the network in all); on a CPU a process measures
-    their peak memory. Then one epoch of each whole network, hand and native; then 4 steps of
-    every preset's network in each of 3 forms and 2 precisions, at the rung's step batch."""
-    total = costs.start if costs.device == "cpu" else 0
+    their peak memory (a warm-up and a measured step of each). Then one epoch of each whole
+    network, hand and native; then 4 steps of every preset's network in each of 3 forms and
+    2 precisions, at the rung's step batch."""
+    total = 0
     for net, batch in step_networks(flags):
         total += 3 * 4 * 2 * costs.step[net] * (flags.get("step_batch") or batch) / batch
     for net, batch in layer_networks(flags):
         calls = flags["warmup"] + flags["repeats"]
         total += calls * 2 * (1 + FORWARD_SHARE) * costs.step[net] + 2 * warmup(costs, net)
         total += 2 * (flags["epoch_images"] // batch) * costs.step[net]
+        if costs.device == "cpu":     # the peak-memory process: its start, 2 steps a conv
+            total += costs.start / len(layer_networks(flags)) + 4 * costs.step[net]
     return total
 
 
@@ -259,8 +262,8 @@ def train_result(flags, out, stdout):
         text += (f" with TTA ({percent([r['test_accuracy_without_tta'] for r in runs])} "
                  f"without)")
     text += f", {first['epochs']} epoch" + ("s" if first["epochs"] != 1 else "")
-    if first.get("image_flags"):
-        text += f" at {first['image_flags']} px"
+    if first.get("image_size"):
+        text += f" at {first['image_size']} px"
     if len(runs) > 1:
         text += f", {len(runs)} runs (mean ± std)"
     seconds = statistics.mean(r["train_seconds"] for r in runs)

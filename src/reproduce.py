@@ -4,13 +4,14 @@
     ./reproduce.sh --budget 150 --device cpu --data-dir data --only conv,weights-seed
 
 First a calibration, counted in the budget: how long a script takes to start and read the
-dataset, and a training step of each network the jobs need, in the jobs' order, while that
-stays within a twentieth of the budget. Then the jobs (src/jobs.py), in the README's order of
-importance: each runs as a process of train.py, benchmark.py or inference.py, at the largest
-rung of its ladder whose estimate (from the timed steps) fits what is left of the budget, and
-is stopped when the budget runs out; a job that no rung of fits is recorded as skipped (with
-the time it would need here, where its steps were timed), one that fails with its one-line
-error. OUT/results.json and OUT/results.md (the README's table) are rewritten after each job.
+dataset, and a training step of each network the jobs need, in the jobs' order, none started
+once that has spent a twentieth of the budget. Then the jobs (src/jobs.py), in the README's
+order of importance: each runs as a process of train.py, benchmark.py or inference.py, at the
+largest rung of its ladder whose estimate (from the timed steps) fits what is left of the
+budget, and is stopped when the budget runs out; a job that no rung of fits is recorded as
+skipped (with the time it would need here, where its steps were timed), one that fails with
+its one-line error. OUT/results.json and OUT/results.md (the README's table) are rewritten
+after each job.
 """
 import json
 import math
@@ -117,10 +118,10 @@ def step_seconds(net, batch, device, dtype):
 
 
 def calibrate(selected, args, device, dtype, spent):
-    """The `jobs.Costs` of this machine for the jobs `selected`, and {network: why it cannot
-    run here} for those that do not build. Each network's step is timed in the jobs' order
-    while the calibration stays within its share of the budget. `spent()`: seconds of the
-    budget used so far."""
+    """(the `jobs.Costs` of this machine for the jobs `selected`, {dataset: why it cannot be
+    read}, {network: why it does not build}). Every network is built; their steps are timed
+    in the jobs' order, and none starts once the calibration has spent its share of the
+    budget. `spent()`: seconds of the budget used so far."""
     images, missing, read_seconds = dataset_images(args.data_dir,
                                                    {j["dataset"] for j in selected})
     costs = jobs.Costs(device.type, process_seconds(child_env(args.packages), device) +
@@ -128,13 +129,16 @@ def calibrate(selected, args, device, dtype, spent):
     batches = {net: batch for j in selected if j["dataset"] in images
                for flags in reversed(j["ladder"]) for net, batch in jobs.networks(j, flags)}
     errors = {}
-    for net, batch in tqdm(batches.items(), desc="calibration", file=sys.stderr, leave=False):
-        if costs.step and spent() > CALIBRATION_SHARE * args.budget:
-            break
+    for net in batches:
         try:
-            costs.first[net], costs.step[net] = step_seconds(net, batch, device, dtype)
+            network(net[0], "hand", net[1])
         except (PretrainedError, ImportError, RuntimeError) as e:
             errors[net] = str(e).splitlines()[0]
+    for net in tqdm([n for n in batches if n not in errors], desc="calibration",
+                    file=sys.stderr, leave=False):
+        if costs.step and spent() > CALIBRATION_SHARE * args.budget:
+            break
+        costs.first[net], costs.step[net] = step_seconds(net, batches[net], device, dtype)
         if device.type == "cuda":
             torch.cuda.empty_cache()     # the jobs' processes need the memory
     return costs, missing, errors

@@ -25,8 +25,8 @@ from pretrained import backbone_stats, load_backbone
 
 @dataclass
 class Run:
-    """One training run as `set_up` makes it. The epochs read it; they change only the tallies
-    at the end and, at the last epoch, the weights of `model` (lookahead's final pull)."""
+    """One training run as `set_up` makes it. The training loop trains its model, optimisers
+    and generators in place; of its own fields it reassigns only the tallies at the end."""
     args: argparse.Namespace      # the run's flags (a resumed run's own): read, never written
     device: torch.device
     world: int                    # processes under torchrun, 1 without
@@ -175,8 +175,11 @@ def set_up_model(args, num_classes, split, device, resumed):
 def resume(ckpt, args, model, optimizers, schedulers, lookahead, data_gen, device):
     """A resumed run's states restored (checkpoint.restore), said in a line or two; (the epoch
     it continues in, the stopped epoch's state or None)."""
-    notes = restore(ckpt, model, optimizers, schedulers, lookahead, data_gen, device,
-                    reseed=args.seed * 1_000_003 + ckpt.epoch + 1)
+    try:
+        notes = restore(ckpt, model, optimizers, schedulers, lookahead, data_gen, device,
+                        reseed=args.seed * 1_000_003 + ckpt.epoch + 1)
+    except ValueError as e:
+        raise ValueError(f"{args.out}: {e}") from None
     if notes:
         log(f"note: resumed on another machine: {'; '.join(notes)}; the run goes on, with "
             f"other random draws than an uninterrupted one")

@@ -65,7 +65,8 @@ CHECK_IN_EVERY = 20   # steps between the epoch loop's reads from the device (lo
 
 def train_epoch(run, epoch):
     """One epoch of steps (from where a stopped run left it): the sums of its losses and hits,
-    the LR of its last step, its seconds. A stop signal ends it early: checkpoint, `Stopped`."""
+    the LR of its last step, and its clock (`stopwatch`, still running). A stop signal ends it
+    early: checkpoint, `Stopped`."""
     args, split, n_steps = run.args, run.split, run.steps_per_epoch
     clock = stopwatch(run.device)
     run.model.train()
@@ -88,8 +89,9 @@ def train_epoch(run, epoch):
         correct += hits
         check_in = step % CHECK_IN_EVERY == CHECK_IN_EVERY - 1 or step == n_steps - 1
         if check_in:                 # the loop's only reads from the device
-            check_finite(run, loss_sum.item() / (step + 1), epoch)
-            bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}")
+            running = loss_sum.item() / (step + 1)
+            check_finite(run, running, epoch)
+            bar.set_postfix(loss=f"{running:.3f}")
         if step < n_steps - 1 and stop_signalled(run.signals, run.device, check_in):
             bar.close()
             check_finite(run, loss_sum.item() / (step + 1), epoch)
@@ -98,7 +100,7 @@ def train_epoch(run, epoch):
             raise stop_error(run.signals, args.out,
                              f"in epoch {epoch + 1} after step {step + 1}/{n_steps}")
     bar.close()
-    return loss_sum, correct, lr_used, clock()
+    return loss_sum, correct, lr_used, clock
 
 
 def epoch_start(run, epoch):
@@ -158,10 +160,10 @@ def training_parameters(model, optimizers):
 def end_epoch(run, epoch, sums):
     """The epoch's figures (train loss and accuracy over every rank, held-out data), logged
     and written to TensorBoard, then its checkpoint; a stop signal ends the run here."""
-    args, (loss_sum, correct, lr_used, seconds) = run.args, sums
+    args, (loss_sum, correct, lr_used, clock) = run.args, sums
     if run.lookahead is not None and epoch == args.epochs - 1:
         run.lookahead.finish()      # the final weights are the slow ones
-    run.timed_seconds += seconds
+    run.timed_seconds += clock()
     # Each rank summed the mean losses and the hits of its shares: add up over ranks.
     totals = distributed.all_reduce_sum(torch.stack([loss_sum, correct.float()]))
     train_loss = totals[0].item() / (run.steps_per_epoch * run.world)
@@ -211,10 +213,16 @@ def save(run, completed_epoch, partial=None):
     save_checkpoint(Checkpoint(
         model=run.model.state_dict(), optimizer=[opt.state_dict() for opt in run.optimizers],
         scheduler=[sched.state_dict() for sched in run.schedulers], epoch=completed_epoch,
-        rng=rng, args=saved_flags(run.args), train_size=len(run.split.train_x),
+        rng=rng, args=run_flags(run), train_size=len(run.split.train_x),
         lookahead=run.lookahead.state_dict() if run.lookahead is not None else {},
         conv_plans=conv_plans.chosen(), partial=partial,
         precision="bf16" if run.dtype == torch.bfloat16 else "fp32"), run.args.out)
+
+
+def run_flags(run):
+    """The flags checkpoints and TensorBoard keep: all but which were typed, with a backbone's
+    resolution as it ran."""
+    return saved_flags(run.args) | ({"image_size": run.image_size} if run.image_size else {})
 
 
 def check_finite(run, running, epoch):
@@ -272,7 +280,7 @@ def write_final_logs(run, scalars, predictions):
     args, epoch = run.args, run.args.epochs
     final = scalars.get("test/accuracy_tta", scalars["test/accuracy"])
     logs.write_scalars(run.writer, scalars, epoch)
-    logs.write_hparams(run.writer, saved_flags(args), {
+    logs.write_hparams(run.writer, run_flags(run), {
         "test_accuracy": final, "test_accuracy_without_tta": scalars["test/accuracy"],
         "train_seconds": run.timed_seconds})
     logs.write_test_figures(run.writer, run.data, predictions, epoch,

@@ -87,6 +87,17 @@ def test_a_training_row_reports_mean_and_std_over_runs(tmp_path, cifar10_dir):
     assert all(r["epochs"] == 1 and r["train_seconds"] > 0 for r in runs)
 
 
+def test_a_fine_tune_row_says_its_resolution(tmp_path):
+    torch.save({"test_accuracy": 0.8431, "tta": 1, "test_accuracy_without_tta": 0.8326,
+                "epochs": 1, "image_size": 128, "train_seconds": 2640.0},
+               tmp_path / "weights.pt")
+    finetune = job("finetune")
+    metric, value, text = jobs.read_result(finetune, finetune["ladder"][-1], str(tmp_path), "")
+    assert (metric, value) == ("test accuracy with TTA", 0.8431)
+    assert text == ("84.31 % with TTA (83.26 % without), 1 epoch at 128 px; 2640.0 s a run "
+                    "(training + test evaluation)")
+
+
 @pytest.mark.slow    # over 10 s on 2 cores: ./test.sh -m slow
 def test_a_conv_row_is_the_benchmarks_geomeans(tmp_path):
     flags = {"models": "seed", "repeats": 1, "warmup": 1, "epoch_images": 0,
