@@ -339,39 +339,32 @@ def test_gradient_clipping_keeps_a_high_lr_seed_run_finite(tmp_path):
     assert ckpt["args"]["grad_clip"] == 5.0
 
 
-def test_runs_report_mean_and_std_over_seeds(cifar10_dir, tmp_path):
+def test_runs_report_mean_and_std_over_seeds_and_never_write_the_flags(cifar10_dir, tmp_path):
+    """--runs gives each run its folder and seed, --resume the run's own flags: as values of
+    their own, the parsed flags stay as they were."""
     out = tmp_path / "runs"
-    result = run_main("train.py", "--epochs", "1", "--runs", "2", "--data-dir", cifar10_dir,
-                        "--out", out, *TINY)
-    assert result.returncode == 0, result.stderr
-    last = result.stdout.splitlines()[-1]
-    assert last.startswith("2 runs of seed: test accuracy ") and last.endswith(" s each")
-    accs = [torch.load(out / f"run{i}" / "weights.pt", weights_only=True)["test_accuracy"]
-            for i in range(2)]
-    assert f"test accuracy {sum(accs) / 2:.4f} ± " in last
-    assert torch.load(out / "run1" / "checkpoint.pt", weights_only=True)["args"]["seed"] == 1
-
-
-def test_training_reads_its_flags_and_never_writes_them(cifar10_dir, tmp_path):
-    """--runs (each run its folder and seed) and --resume (the run's own flags) make values of
-    their own: the parsed flags stay as they were."""
     runs = get_args(["--epochs", "1", "--runs", "2", "--data-dir", cifar10_dir, "--out",
-                     str(tmp_path / "runs"), *TINY])
-    resumed = get_args(["--resume", str(tmp_path / "runs" / "run1"), "--device", "cpu"])
+                     str(out), *TINY])
+    resumed = get_args(["--resume", str(out / "run1"), "--device", "cpu"])
     before = [copy.deepcopy(vars(args)) for args in (runs, resumed)]
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(
+        with contextlib.redirect_stdout(io.StringIO()) as printed, contextlib.redirect_stderr(
                 io.StringIO()) as err, torch.random.fork_rng(devices=[]):
             train.train_runs(runs, [])
+            last = printed.getvalue().splitlines()[-1]
             train.train(resumed)          # after its last epoch: the test set and weights.pt
     finally:
         plans.use({})
         plans.set_measuring(None)
-    assert f"resuming {tmp_path / 'runs' / 'run1'} after epoch 1" in err.getvalue()
+    assert last.startswith("2 runs of seed: test accuracy ") and last.endswith(" s each")
+    accs = [torch.load(out / f"run{i}" / "weights.pt", weights_only=True)["test_accuracy"]
+            for i in range(2)]
+    assert f"test accuracy {sum(accs) / 2:.4f} ± " in last
+    assert f"resuming {out / 'run1'} after epoch 1" in err.getvalue()
     assert [vars(args) for args in (runs, resumed)] == before
-    saved = torch.load(tmp_path / "runs" / "run1" / "checkpoint.pt", weights_only=True)["args"]
+    saved = torch.load(out / "run1" / "checkpoint.pt", weights_only=True)["args"]
     assert saved == {k: v for k, v in before[0].items() if k != "given"} | {
-        "out": str(tmp_path / "runs" / "run1"), "seed": 1}      # which flags were typed: not
+        "out": str(out / "run1"), "seed": 1}          # which flags were typed: not kept
 
 
 @pytest.mark.parametrize("preset", ["fast95", "fast96"])
