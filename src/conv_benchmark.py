@@ -139,8 +139,7 @@ def bench_conv_layer(kwargs, in_shape, first, device, warmup, repeats, variant="
 
 
 def print_cpu_peaks(specs_json):
-    """The --peak-of child: for each layer spec, one warm-up step, then the measured one, for
-    each impl."""
+    """The --peak-of child: for each layer spec and impl, a warm-up step, then the measured one."""
     results = []
     for spec in json.loads(specs_json):
         fns = layer_step_functions(spec["kwargs"], spec["in_shape"], spec["first"],
@@ -206,10 +205,10 @@ def network_table(args, device, dtype, names):
     """One training epoch of each whole network, hand-written convs against nn.Conv2d. In bf16
     the native network runs in its best form (channels_last weights and inputs), and so do the
     inputs of ours."""
-    layout = torch.channels_last if dtype is not None else torch.contiguous_format
-    print(f"\n| network | epoch of {args.epoch_images} images, hand s | native "
-          f"({'channels_last' if dtype is not None else 'contiguous'}) s | ratio |\n"
-          f"|---|---:|---:|---:|")
+    layout, name = (torch.channels_last, "channels_last") if dtype is not None else (
+        torch.contiguous_format, "contiguous")
+    print(f"\n| network | epoch of {args.epoch_images} images, hand s | native ({name}) s | "
+          f"ratio |\n|---|---:|---:|---:|")
     images, labels = random_epoch(args.epoch_images, device)
     images = images.contiguous(memory_format=layout)
     ratios = {}
