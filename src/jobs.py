@@ -57,6 +57,8 @@ JOBS = [
         {"weights": "seed_cifar10.pt", "tta": 0}),
     job("weights-fast94", "fast94, shipped weights", "weights",
         {"weights": "fast94_cifar10.pt", "tta": 2}),
+    job("weights-fast95", "fast95, shipped weights", "weights",
+        {"weights": "fast95_cifar10.pt", "tta": 2}),
     job("weights-lite0", "EfficientNet-Lite0, shipped weights", "weights",
         {"weights": "efficientnet_lite0_cifar10.pt", "tta": 1}),
     job("cifar100-fast96", "fast96 on CIFAR-100, 40 epochs", "train",
@@ -66,6 +68,7 @@ JOBS = [
 ]
 NAMES = [j["name"] for j in JOBS]
 WEIGHTS_NETWORKS = {"seed_cifar10.pt": ("seed", 32), "fast94_cifar10.pt": ("fast94", 32),
+                    "fast95_cifar10.pt": ("fast95", 32),
                     "efficientnet_lite0_cifar10.pt": (LITE0, 128)}
 
 
