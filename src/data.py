@@ -201,7 +201,7 @@ class Split:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    mean: torch.Tensor            # per channel, on the device (see `normalisation`)
+    mean: torch.Tensor            # per channel, on the device (see `device_split`)
     std: torch.Tensor
     flip_bits: torch.Tensor | None  # which images the alternating flip mirrors in even epochs
 

@@ -103,12 +103,11 @@ def dataset_images(data_dir, datasets):
     return images, missing, seconds
 
 
-def step_seconds(net, batch, device, dtype):
-    """(first, later) seconds of a training step of `net` (hand-written convs) on `batch` random
-    images, timed by timing.py's epoch timer; where a step is short, the later one is the
-    mean of five more."""
-    torch.manual_seed(0)
-    model = network(net[0], "hand", net[1]).to(device)
+def step_seconds(model, batch, device, dtype):
+    """(first, later) seconds of a training step of `model` (hand-written convs) on `batch`
+    random images, timed by timing.py's epoch timer; where a step is short, the later one is
+    the mean of five more."""
+    model = model.to(device)
     epoch, first = train_epoch_seconds(model, *random_epoch(2 * batch, device), batch, device,
                                        dtype)
     if epoch / 2 > 0.2:
@@ -128,17 +127,18 @@ def calibrate(selected, args, device, dtype, spent):
                        read_seconds, images, {}, {})
     batches = {net: batch for j in selected if j["dataset"] in images
                for flags in reversed(j["ladder"]) for net, batch in jobs.networks(j, flags)}
-    errors = {}
+    models, errors = {}, {}
     for net in batches:
         try:
-            network(net[0], "hand", net[1])
+            torch.manual_seed(0)
+            models[net] = network(net[0], "hand", net[1])
         except (PretrainedError, ImportError, RuntimeError) as e:
             errors[net] = str(e).splitlines()[0]
-    for net in tqdm([n for n in batches if n not in errors], desc="calibration",
-                    file=sys.stderr, leave=False):
+    for net in tqdm(list(models), desc="calibration", file=sys.stderr, leave=False):
         if costs.step and spent() > CALIBRATION_SHARE * args.budget:
             break
-        costs.first[net], costs.step[net] = step_seconds(net, batches[net], device, dtype)
+        costs.first[net], costs.step[net] = step_seconds(models.pop(net), batches[net], device,
+                                                         dtype)
         if device.type == "cuda":
             torch.cuda.empty_cache()     # the jobs' processes need the memory
     return costs, missing, errors
