@@ -45,9 +45,9 @@ from device import describe, pick_device
 from model import build_model
 from optim import Lookahead, lr_schedule, make_optimizers, make_schedulers
 from precision import autocast, disable_tf32, pick_precision
+from run_setup import get_args as train_args
 from timing import peak_bytes, sgd_step
 from train import augmentation, train_step, training_batch
-from train_flags import get_args as train_args
 
 PARTS = ("conv", "memory", "steps", "syncs", "train", "resume", "cpu-resume", "compile", "muon")
 

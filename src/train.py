@@ -33,8 +33,7 @@ from evaluate import evaluate
 from optim import logged_lr
 from preemption import Stopped, deferred_stop_signals, stop_error, stop_signalled
 from pretrained import PretrainedError
-from run_setup import run_label, set_up
-from train_flags import get_args
+from run_setup import get_args, run_label, set_up
 
 
 def diverged_message(what, args, epoch):

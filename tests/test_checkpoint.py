@@ -11,7 +11,7 @@ import torch
 from checkpoint import (Checkpoint, atomic_save, check_resume_flags, read_checkpoint,
                         save_checkpoint, set_aside_other_checkpoint)
 from data import DataError
-from train_flags import get_args
+from run_setup import get_args
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path):

@@ -6,7 +6,7 @@ import torch
 from model import build_model
 from optim import (FilterMuon, lookahead_decay, lookahead_pull, lookahead_state, lr_schedule,
                    make_optimizers, make_schedulers)
-from train_flags import get_args
+from run_setup import get_args
 
 
 def fast94_args(*flags):

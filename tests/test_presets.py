@@ -4,7 +4,7 @@ import pytest
 from model import MODELS
 from presets import PRESETS
 from pretrained import BACKBONES
-from train_flags import get_args
+from run_setup import get_args
 
 
 @pytest.mark.parametrize("preset, expected", [

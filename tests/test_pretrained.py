@@ -15,7 +15,7 @@ from conftest import CPU_FP32, run_main, write_cifar10, write_cifar100
 from conv import Conv2d, Conv2dTFSame, swap_convs, tf_same_pads
 from optim import logged_lr, lr_schedule, make_optimizers
 from pretrained import BACKBONES, PretrainedError, classifier, lite_state_dict, load_backbone
-from train_flags import get_args
+from run_setup import get_args
 
 IMAGENET_CLASSES = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
 

@@ -40,13 +40,12 @@ def test_each_job_takes_its_largest_rung_that_fits():
 
 def test_a_job_past_the_budget_is_stopped_and_the_next_one_skipped(tmp_path, cifar10_dir):
     costs = costs_of(0.001, device="cpu", images=(200, 30))
-    run = {"device": "cpu", "precision": "fp32", "data_dir": cifar10_dir, "out": str(tmp_path),
-           "packages": None, "env": dict(os.environ), "missing": {}, "errors": {}}
+    target = jobs.Target("cpu", "fp32", cifar10_dir, str(tmp_path))
     written = []
     # Readings 60 s apart: the first job is chosen at 0 s (100 s left) and starts at 60 s; the
     # next reading, 120 s, is past the deadline: it is stopped, after 180 - 60 = 120 s. The
     # second job is then chosen with nothing left.
-    rows = reproduce.run_jobs([job("weights-seed"), job("weights-fast94")], costs, run,
+    rows = reproduce.run_jobs([job("weights-seed"), job("weights-fast94")], costs, target, {},
                               deadline=100, clock=StepClock(60), write=written.append)
     first, second = rows
     assert first["status"] == "failed" and first["seconds"] == 120
@@ -60,7 +59,7 @@ def test_a_job_past_the_budget_is_stopped_and_the_next_one_skipped(tmp_path, cif
 @pytest.mark.slow    # 10 s on 2 cores: ./test.sh -m slow
 def test_reproduce_measures_skips_fails_and_writes_both_files(tmp_path, cifar10_dir):
     out = tmp_path / "results"
-    names = "seed,timing,weights-seed"
+    names = "seed,weights-seed,cifar100-fast96"
     result = run_main("reproduce.py", "--budget", "120", "--data-dir", cifar10_dir, "--out",
                       out, "--only", names, *CPU_FP32)
     assert result.returncode == 0, result.stderr
@@ -70,16 +69,16 @@ def test_reproduce_measures_skips_fails_and_writes_both_files(tmp_path, cifar10_
     # The seed preset holds out 5,000 validation images: the synthetic 200 fail, in one line.
     assert (rows["seed"]["status"], rows["seed"]["note"]) == \
         ("failed", "validation size must be in 0..199, got 5000")
-    # The timing study compiles twice, minutes on any CPU: more than the two given.
-    assert rows["timing"]["status"] == "skipped" and rows["timing"]["value"] is None
-    assert rows["timing"]["note"].startswith(f"needs about {rows['timing']['estimate']:,.0f} s "
-                                             f"here, ")
+    # No CIFAR-100 in the data folder.
+    assert rows["cifar100-fast96"]["status"] == "skipped"
+    assert rows["cifar100-fast96"]["value"] is None
     inference = run_main("inference.py", "--weights", os.path.join(REPO, "weights",
                          "seed_cifar10.pt"), "--data-dir", cifar10_dir, "--json", *CPU_FP32)
     assert rows["weights-seed"]["status"] == "measured"
     assert rows["weights-seed"]["value"] == json.loads(inference.stdout)["accuracy"]
     assert rows["weights-seed"]["command"].startswith("python src/inference.py --weights "
-                                                      "weights/seed_cifar10.pt --data-dir ")
+                                                      "weights/seed_cifar10.pt --tta 0 "
+                                                      "--data-dir ")
     assert results["device"] == reproduce.machine(reproduce.pick_device("cpu"))
     assert results["budget"] == 120 and results["precision"] == "fp32"
     table = (out / "results.md").read_text().splitlines()
@@ -97,17 +96,18 @@ def test_reproduce_measures_skips_fails_and_writes_both_files(tmp_path, cifar10_
 
 def test_a_job_whose_steps_were_not_timed_is_skipped_and_says_why(tmp_path, cifar10_dir):
     """A budget of 1 s: the calibration's share is spent on the first network timed (the seed
-    net's, of the conv table's smallest rung), which leaves that rung's fast94 untimed."""
+    net's, of the conv table's smallest rung), which leaves fast95 untimed."""
     result = run_main("reproduce.py", "--budget", "1", "--data-dir", cifar10_dir, "--out",
-                      tmp_path / "r", "--only", "seed,conv", *CPU_FP32)
+                      tmp_path / "r", "--only", "fast95,conv", *CPU_FP32)
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert [step["network"] for step in results["steps"]] == ["seed"]
-    conv, seed = results["rows"]                      # in the jobs' order
-    assert seed["status"] == "skipped" and seed["note"].startswith("needs about ")
-    assert (conv["status"], conv["estimate"]) == ("skipped", None)
-    assert conv["note"].startswith("its networks' steps were not timed within the "
-                                   "calibration's share of the budget; ")
+    conv, fast95 = results["rows"]                      # in the jobs' order
+    assert conv["status"] == "skipped"
+    assert conv["note"].startswith(f"needs about {conv['estimate']:,.0f} s here, ")
+    assert (fast95["status"], fast95["estimate"]) == ("skipped", None)
+    assert fast95["note"].startswith("its networks' steps were not timed within the "
+                                     "calibration's share of the budget; ")
 
 
 def test_a_missing_dataset_skips_its_jobs(tmp_path, cifar10_dir):
@@ -129,8 +129,6 @@ def test_a_missing_dataset_skips_its_jobs(tmp_path, cifar10_dir):
                         "(see --help)"),
     (["--budget", "inf"], "reproduce.py: --budget must be a positive number of seconds "
                           "(see --help)"),
-    (["--packages", "/nonexistent"], "reproduce.py: --packages /nonexistent is not a folder "
-                                     "(see --help)"),
 ])
 def test_bad_flags_are_one_line(flags, message):
     result = run_main("reproduce.py", *flags)

@@ -28,7 +28,7 @@ from optim import lr_schedule, make_optimizers, make_schedulers
 from preemption import deferred_stop_signals, stop_signalled
 from conv import plans
 from train import training_parameters
-from train_flags import get_args
+from run_setup import get_args
 
 TINY = ["--val-size", "20", "--batch-size", "32", *CPU_FP32]
 HPARAM_METRICS = ("hparams/test_accuracy", "hparams/test_accuracy_without_tta",
