@@ -3,7 +3,6 @@ values filled in wherever a flag is not given, argparse's one-line error for a b
 combination), then the run's state (`Run`) and its set-up: the flags (a resumed run's own),
 device and precision, the data on the device, the model and optimisers, where a resumed run
 continues, the conv variants, and TensorBoard's writer. train.py runs the epochs over it."""
-
 import argparse
 import os
 import time
