@@ -87,7 +87,7 @@ def test_bf16_training_run_and_its_weights(tmp_path):
     """A fast94 run in bf16 (what auto picks on a CPU with AVX512-BF16) says so, trains to a
     finite loss, writes float32 weights, and inference reads them in either precision."""
     data = str(tmp_path / "data")
-    write_cifar10(data, per_file=40, n_test=30)
+    write_cifar10(data, per_file=20, n_test=30)     # 2 steps an epoch
     out = tmp_path / "run"
     result = run_main("train.py", "--preset", "fast94", "--epochs", "2", "--batch-size", "50",
                       "--device", "cpu", "--data-dir", data, "--out", out,
