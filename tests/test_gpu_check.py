@@ -1,5 +1,5 @@
 """The GPU check's dry run on the CPU at a toy size (every part but --compile's epoch, which
-takes minutes on 2 cores), so that it runs where a GPU is lent."""
+takes minutes on 2 cores; muon's in a slow test), so that it runs where a GPU is lent."""
 import json
 import re
 
