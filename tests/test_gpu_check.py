@@ -40,7 +40,7 @@ def test_the_gpu_check_runs_every_part_on_the_cpu_and_writes_its_figures(tmp_pat
     assert parts["cpu-resume"]["notes"] == []     # the CPU to the CPU: nothing re-seeded
 
 
-@pytest.mark.slow    # 26 s on 2 cores of a CPU without bf16 units (Muon orthogonalises in bf16)
+@pytest.mark.slow    # 26 s on 2 cores without bf16 units (Muon works in bf16): ./test.sh -m slow
 def test_the_gpu_checks_muon_part_trains_on_the_cpu(tmp_path):
     others = ",".join(p for p in PARTS if p != "muon")
     result = run_main("gpu_check.py", "--device", "cpu", "--tiny", "--skip", others, "--out",

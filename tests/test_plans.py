@@ -176,7 +176,7 @@ def test_matmul_operands_are_in_their_ops_fast_layout_in_every_preset_network(
         onednn_dtypes = {o[0].dtype for n, o in mode.calls if n == "mkldnn::_linear_pointwise"}
         assert all(map(onednn_matmul_available, onednn_dtypes)), onednn_dtypes
         assert (dtype or torch.float32) in onednn_dtypes or name.startswith("efficientnet") \
-            or not onednn_matmul_available(dtype or torch.float32)
+            or not onednn_matmul_available(dtype or torch.float32), (name, layout, dtype)
         assert slow_operands(mode.calls) == [], (name, layout, dtype)
     assert set(matmul_nt_operands) <= {(True, True)}
 
