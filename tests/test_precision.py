@@ -87,8 +87,9 @@ def test_bf16_training_run_and_its_weights(tmp_path):
     """A fast94 run in bf16 (what auto picks on a CPU with AVX512-BF16) says so, trains to a
     finite loss, writes float32 weights, and inference reads them in either precision."""
     data = str(tmp_path / "data")
-    write_cifar10(data, per_file=10, n_test=30)     # 2 steps of 25 an epoch; the lookahead's
-    out = tmp_path / "run"                           # pull at step 5
+    # 50 images: 2 steps of 25 an epoch, so 3 epochs reach the lookahead's pull at step 5.
+    write_cifar10(data, per_file=10, n_test=30)
+    out = tmp_path / "run"
     result = run_main("train.py", "--preset", "fast94", "--epochs", "3", "--batch-size", "25",
                       "--device", "cpu", "--data-dir", data, "--out", out,
                       env={"CIFAR_CPU_BF16": "avx512_bf16"})
