@@ -27,6 +27,7 @@ class Checkpoint:
     lookahead: dict        # the lookahead's slow weights ({} without lookahead)
     conv_plans: dict       # the conv variants the run chose (conv/plans.py), kept on a resume
     precision: str         # "bf16" or "fp32": what a resume with --precision auto runs in
+    seconds: dict          # the run's time so far, summed over its starts: `no_seconds()`
     partial: dict | None   # a stop within an epoch: its steps, batch order and loss sums (in
     #                        the file only then)
 
@@ -44,11 +45,18 @@ def save_checkpoint(ckpt, folder):
 def as_checkpoint(saved, path):
     """The `Checkpoint` of a loaded file; a file of another layout is one line."""
     names = {f.name for f in dataclasses.fields(Checkpoint)}
-    saved = {"partial": None, **saved}
+    saved = {"partial": None, "seconds": no_seconds(), **saved}
     if set(saved) != names or "processes" not in saved["rng"]:
         raise DataError(f"{path} was written by another version of train.py (another "
                         f"checkpoint layout): it cannot resume here; start a new run")
     return Checkpoint(**saved)
+
+
+def no_seconds():
+    """A new run's time: wall (its processes' time from the end of their set-up), timed
+    (whitening, training steps and test evaluations), held_out (the test curve's evaluations,
+    apart), and how many processes it took (starts: a resumed run adds one)."""
+    return {"wall": 0.0, "timed": 0.0, "held_out": 0.0, "starts": 0}
 
 
 def atomic_save(obj, path, keep_previous=False):

@@ -13,7 +13,7 @@ import torch
 import cli
 import distributed
 import logs
-from checkpoint import (accelerator_rng, lock_run_folder, restore, resumed_run,
+from checkpoint import (accelerator_rng, lock_run_folder, no_seconds, restore, resumed_run,
                         set_aside_other_checkpoint)
 from conv import plans as conv_plans
 from data import DATASETS, DataError, Split, device_split, load_cifar, normalize
@@ -170,9 +170,11 @@ class Run:
     test_every: int               # epochs between the test curve's evaluations (0: never)
     signals: list                 # the stop signals received (`deferred_stop_signals`)
     writer: object                # TensorBoard's SummaryWriter on rank 0, None elsewhere
-    started: float                # time.perf_counter() at the end of the set-up
+    started: float                # time.perf_counter() at the end of the set-up, less the
+    #                               wall seconds of the run's earlier starts
     timed_seconds: float          # tally: whitening, training steps and test evaluations
-    held_out_seconds: float = 0.0  # tally: the test curve's evaluations, apart
+    held_out_seconds: float       # tally: the test curve's evaluations, apart
+    starts: int                   # this process and every one the run was resumed from
     pending_steps: list = field(default_factory=list)  # tally: (step, loss, lr) of the steps
     #                                                    the next checkpoint covers
 
@@ -222,6 +224,7 @@ def set_up(args, argv, signals, closing):
     start_epoch, partial = resume(ckpt, args, model, optimizers, schedulers, lookahead,
                                   data_gen, device) if ckpt is not None else (0, None)
     choose_conv_plans(args, ckpt, model, split, device, autocast)
+    before = ckpt.seconds if ckpt is not None else no_seconds()
     run = Run(args=args, device=device, world=world, is_main=distributed.is_main(), dtype=dtype,
               precision=describe_precision(dtype, why), autocast=autocast, data=data,
               split=split, steps_per_epoch=steps_per_epoch, data_gen=data_gen, model=model,
@@ -229,13 +232,14 @@ def set_up(args, argv, signals, closing):
               optimizers=optimizers, schedulers=schedulers, lookahead=lookahead,
               image_size=image_size, start_epoch=start_epoch, partial=partial,
               test_every=test_curve_every(args, split), signals=signals, writer=None,
-              started=0.0, timed_seconds=timed_seconds)
+              started=0.0, timed_seconds=before["timed"] + timed_seconds,
+              held_out_seconds=before["held_out"], starts=before["starts"] + 1)
     run.writer = open_writer(run, argv, closing)
     log(f"{run_label(args)}: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{len(split.train_x)} train / {len(split.val_x)} val images, {steps_per_epoch} steps "
         f"per epoch" + (f" of {world} x {args.batch_size // world} images" if world > 1 else "")
         + f", logs in {args.out}")
-    run.started = time.perf_counter()
+    run.started = time.perf_counter() - before["wall"]
     return run
 
 

@@ -95,7 +95,7 @@ def train_epoch(run, epoch):
             bar.close()
             check_finite(run, loss_sum.item() / (step + 1), epoch)
             save(run, epoch - 1, {"steps": step + 1, "perm": perm.cpu(),
-                                  "sums": [loss_sum.cpu(), correct.cpu()]})
+                                  "sums": [loss_sum.cpu(), correct.cpu()]}, clock())
             raise stop_error(run.signals, args.out,
                              f"in epoch {epoch + 1} after step {step + 1}/{n_steps}")
     bar.close()
@@ -201,10 +201,11 @@ def held_out_scalars(run, epoch):
     return {"test/loss": loss, "test/accuracy": acc}
 
 
-def save(run, completed_epoch, partial=None):
+def save(run, completed_epoch, partial=None, partial_seconds=0.0):
     """The run's checkpoint after `completed_epoch` (`partial`: the steps, batch order and loss
-    sums of a stopped epoch). Every rank calls it (each one's random states are kept); rank 0
-    writes it, just after the TensorBoard scalars of the steps it covers."""
+    sums of a stopped epoch, whose steps took `partial_seconds`). Every rank calls it (each
+    one's random states are kept); rank 0 writes it, just after the TensorBoard scalars of the
+    steps it covers."""
     rng = rng_states(run.data_gen, distributed.all_gather(process_rng_state(run.device)))
     if not run.is_main:
         return
@@ -215,7 +216,10 @@ def save(run, completed_epoch, partial=None):
         rng=rng, args=run_flags(run), train_size=len(run.split.train_x),
         lookahead=run.lookahead.state_dict() if run.lookahead is not None else {},
         conv_plans=conv_plans.chosen(), partial=partial,
-        precision="bf16" if run.dtype == torch.bfloat16 else "fp32"), run.args.out)
+        precision="bf16" if run.dtype == torch.bfloat16 else "fp32",
+        seconds={"wall": time.perf_counter() - run.started,
+                 "timed": run.timed_seconds + partial_seconds,
+                 "held_out": run.held_out_seconds, "starts": run.starts}), run.args.out)
 
 
 def run_flags(run):
@@ -265,11 +269,21 @@ def finish(run):
         curve = (f"; the test curve's evaluations took {run.held_out_seconds:.1f}s more"
                  if run.held_out_seconds else "")
         print(f"done: {run_label(args)} on {args.dataset}, {args.epochs} epochs in "
-              f"{time.perf_counter() - run.started:.0f}s on {describe(device)}{processes} "
+              f"{time.perf_counter() - run.started:.0f}s{over_starts(run.starts)} on "
+              f"{describe(device)}{processes} "
               f"({run.timed_seconds:.1f}s of whitening, training steps and test evaluation"
               f"{curve}); test accuracy {test_acc:.4f}{tta_note}; weights {weights_path}")
     return {"accuracy": test_acc, "accuracy_without_tta": test_acc_plain,
             "seconds": run.timed_seconds}
+
+
+def over_starts(starts):
+    """A resumed run's times are summed over its processes: "" or " over 3 starts (the run
+    and its 2 resumes)"."""
+    if starts == 1:
+        return ""
+    resumes = "its resume" if starts == 2 else f"its {starts - 1} resumes"
+    return f" over {starts} starts (the run and {resumes})"
 
 
 def write_final_logs(run, scalars, predictions):

@@ -8,8 +8,8 @@ import signal
 import pytest
 import torch
 
-from checkpoint import (Checkpoint, atomic_save, check_resume_flags, read_checkpoint,
-                        save_checkpoint, set_aside_other_checkpoint)
+from checkpoint import (Checkpoint, atomic_save, check_resume_flags, no_seconds,
+                        read_checkpoint, save_checkpoint, set_aside_other_checkpoint)
 from data import DataError
 from run_setup import get_args
 
@@ -54,7 +54,7 @@ def test_a_checkpoint_write_keeps_the_one_before_as_prev(tmp_path):
 def test_a_corrupt_checkpoint_offers_the_previous_one(tmp_path):
     ckpt = Checkpoint(model={}, optimizer=[], scheduler=[], epoch=2, rng={"processes": []},
                       args={"epochs": 8}, train_size=10, lookahead={}, conv_plans={},
-                      precision="fp32", partial=None)
+                      precision="fp32", seconds=no_seconds(), partial=None)
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(ckpt, str(tmp_path))
     save_checkpoint(dataclasses.replace(ckpt, epoch=3), str(tmp_path))

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conv_benchmark import STEP_VARIANTS, network, network_steps
-from conftest import run_main, write_cifar10
+from conftest import run_main, two_epoch_run
 from conv import Conv2d, plans
 from conv.functions import UnfoldMatmulConv
 from conv import im2col
@@ -218,20 +218,6 @@ def test_no_network_is_past_three_times_native_in_either_layout(name):
 
 # ----------------------------------------------------------------------------------------------
 # A training run's choices
-
-def two_epoch_run(tmp_path, env=None):
-    """A seed run of 2 epochs of 4 steps; (its CompletedProcess, run folder, checkpoint of its
-    first epoch (checkpoint.prev.pt), that checkpoint)."""
-    data = str(tmp_path / "data")
-    write_cifar10(data, per_file=20, n_test=10)
-    out = tmp_path / "run"
-    result = run_main("train.py", "--preset", "seed", "--epochs", "2", "--batch-size", "25",
-                      "--val-size", "0", "--device", "cpu", "--precision", "fp32",
-                      "--data-dir", data, "--out", out, env=env)
-    assert result.returncode == 0, result.stderr
-    prev = out / "checkpoint.prev.pt"
-    return result, out, prev, torch.load(prev, weights_only=True)
-
 
 def test_a_run_measures_keeps_its_choices_and_a_resume_runs_them(tmp_path):
     first, out, prev, ckpt = two_epoch_run(tmp_path, {plans.MEASURE_SWITCH: "1"})

@@ -20,7 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import distributed
 import train
-from conftest import CPU_FP32, SRC, run_main, run_script, write_cifar10, write_cifar100
+from conftest import (CPU_FP32, SRC, run_main, run_script, two_epoch_run, write_cifar10,
+                      write_cifar100)
 from data import load_cifar, normalize
 from gpu_check import preset_step
 from model import build_model, whitening_filters
@@ -107,6 +108,7 @@ def test_stopped_by_a_signal_mid_epoch_and_resumed_ends_with_the_same_weights(pr
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     steps = ckpt["partial"]["steps"]
     assert ckpt["epoch"] == -1 and 1 <= steps < 8      # within epoch 1
+    assert 0 < ckpt["seconds"]["timed"] < ckpt["seconds"]["wall"]   # its steps' time kept
     assert stderr.splitlines()[-1] == (
         f"error: stopped by {signal.Signals(signum).name} in epoch 1 after step {steps}/"
         f"{len(ckpt['partial']['perm']) // 32}; {out / 'checkpoint.pt'} holds it: "
@@ -235,6 +237,30 @@ def test_resume_without_checkpoint(tmp_path):
     result = run_main("train.py", "--resume", tmp_path, *CPU_FP32)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: no checkpoint at {tmp_path / 'checkpoint.pt'}"
+
+
+def test_a_resumed_run_sums_its_times_over_its_starts(tmp_path):
+    first, out, prev, ckpt = two_epoch_run(tmp_path)
+    assert re.search(r"2 epochs in \d+s on cpu \(", first.stdout), first.stdout
+    after_one, after_two = ckpt["seconds"], torch.load(out / "checkpoint.pt",
+                                                       weights_only=True)["seconds"]
+    assert after_one["starts"] == after_two["starts"] == 1
+    assert 0 < after_one["timed"] < after_two["timed"] <= after_two["wall"]
+    # Resumed from its first epoch as if two starts had taken 5000 s (4000 s timed, 300 s of
+    # the test curve): the second epoch's seconds are added to those.
+    torch.save({**ckpt, "seconds": {"wall": 5000.0, "timed": 4000.0, "held_out": 300.0,
+                                    "starts": 2}}, prev)
+    resumed = run_main("train.py", "--resume", prev)
+    assert resumed.returncode == 0, resumed.stderr
+    wall, timed, held_out = map(float, re.search(
+        r"^done: seed on cifar10, 2 epochs in (\d+)s over 3 starts \(the run and its 2 "
+        r"resumes\) on cpu \(([\d.]+)s of whitening, training steps and test evaluation; the "
+        r"test curve's evaluations took ([\d.]+)s more\)", resumed.stdout, re.M).groups())
+    assert 5000 < wall < 5060 and 4000 < timed < wall and 300 <= held_out < 360
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["seconds"]
+    assert saved["starts"] == 3 and 4000 < saved["timed"] <= timed + 0.05   # printed: .1f
+    assert torch.load(out / "weights.pt", weights_only=True)["train_seconds"] == \
+        pytest.approx(timed, abs=0.05)
 
 
 def test_corrupt_checkpoint_is_one_line(tmp_path):
