@@ -118,14 +118,14 @@ def run_script(script, *args, cwd=None, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def two_epoch_run(tmp_path, env=None):
-    """A seed run of 2 epochs of 4 steps; (its CompletedProcess, run folder, checkpoint of its
-    first epoch (checkpoint.prev.pt), that checkpoint)."""
+def two_epoch_run(tmp_path, env=None, precision="fp32"):
+    """A seed run of 2 epochs of 4 steps on the CPU; (its CompletedProcess, run folder,
+    checkpoint of its first epoch (checkpoint.prev.pt), that checkpoint)."""
     data = str(tmp_path / "data")
     write_cifar10(data, per_file=20, n_test=10)
     out = tmp_path / "run"
     result = run_main("train.py", "--preset", "seed", "--epochs", "2", "--batch-size", "25",
-                      "--val-size", "0", "--device", "cpu", "--precision", "fp32",
+                      "--val-size", "0", "--device", "cpu", "--precision", precision,
                       "--data-dir", data, "--out", out, env=env)
     assert result.returncode == 0, result.stderr
     prev = out / "checkpoint.prev.pt"

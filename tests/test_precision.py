@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SRC, run_main, write_cifar10
+from conftest import SRC, run_main, two_epoch_run, write_cifar10
 from model import build_model
 from precision import autocast, cpu_bf16_unit, describe, pick_precision
 
@@ -143,15 +143,8 @@ def test_the_timing_study_refuses_bf16_in_one_line():
 def test_a_resumed_auto_run_keeps_the_precision_it_ran_in(tmp_path):
     """auto is resolved once, when the run starts: a resume on a machine where auto means
     something else (here: told it has AVX512-BF16) keeps the run's precision."""
-    data = str(tmp_path / "data")
-    write_cifar10(data, per_file=20, n_test=10)
-    out = tmp_path / "run"
-    first = run_main("train.py", "--preset", "seed", "--epochs", "2", "--batch-size", "25",
-                     "--val-size", "0", "--device", "cpu", "--data-dir", data, "--out", out)
-    assert first.returncode == 0, first.stderr
+    first, _, prev, ckpt = two_epoch_run(tmp_path, precision="auto")
     assert "precision: fp32 (this CPU has no AMX or AVX512-BF16)" in first.stderr
-    prev = out / "checkpoint.prev.pt"
-    ckpt = torch.load(prev, weights_only=True)
     assert (ckpt["args"]["precision"], ckpt["precision"]) == ("auto", "fp32")
     for saved in ("fp32", "bf16"):
         torch.save({**ckpt, "precision": saved}, prev)
