@@ -70,7 +70,8 @@ def make_parser():
                    help="train N times (seeds seed..seed+N-1), report mean ± std")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-size", type=int,
-                   help="training images held out for validation, stratified (0: none)")
+                   help="training images held out for validation, stratified (0: none); the "
+                        "run ends with their accuracy with --tta, the figure to tune on")
     p.add_argument("--test-every", type=int, metavar="EPOCHS",
                    help="without a validation split: evaluate the test set every EPOCHS epochs "
                         "for TensorBoard's test/accuracy curve, for display only (default: as "

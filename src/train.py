@@ -250,6 +250,7 @@ def finish(run):
     with run.autocast:
         test_loss, test_acc_plain = evaluate(model, split.test_x, split.test_y, split.mean,
                                              split.std) if args.tta else (tta_loss, test_acc)
+    val_note, val_acc = final_validation(run)
     weights_path = os.path.join(args.out, "weights.pt")
     if run.is_main:
         atomic_save({"model": args.model, "dataset": args.dataset,
@@ -272,9 +273,25 @@ def finish(run):
               f"{time.perf_counter() - run.started:.0f}s{over_starts(run.starts)} on "
               f"{describe(device)}{processes} "
               f"({run.timed_seconds:.1f}s of whitening, training steps and test evaluation"
-              f"{curve}); test accuracy {test_acc:.4f}{tta_note}; weights {weights_path}")
+              f"{curve}); {val_note}test accuracy {test_acc:.4f}{tta_note}; weights "
+              f"{weights_path}")
     return {"accuracy": test_acc, "accuracy_without_tta": test_acc_plain,
-            "seconds": run.timed_seconds}
+            "seconds": run.timed_seconds, "val_accuracy": val_acc}
+
+
+def final_validation(run):
+    """("validation accuracy A with TTA t (B without); ", A) for a run that holds a validation
+    split: the figure to tune on, with the TTA the test gets. ("", None) without one."""
+    args, split = run.args, run.split
+    if not len(split.val_x):
+        return "", None
+    with run.autocast:
+        _, acc = evaluate(run.model, split.val_x, split.val_y, split.mean, split.std,
+                          tta=args.tta)
+        _, plain = evaluate(run.model, split.val_x, split.val_y, split.mean,
+                            split.std) if args.tta else (None, acc)
+    tta = f" with TTA {args.tta} ({plain:.4f} without)" if args.tta else ""
+    return f"validation accuracy {acc:.4f}{tta}; ", acc
 
 
 def over_starts(starts):
@@ -315,6 +332,8 @@ def train_runs(args, argv):
     line = f"{args.runs} runs of {args.preset}: test accuracy {mean_std('accuracy', 4)}"
     if args.tta:
         line += f" with TTA {args.tta}, {mean_std('accuracy_without_tta', 4)} without"
+    if results[0]["val_accuracy"] is not None:
+        line += f"; validation accuracy {mean_std('val_accuracy', 4)}"
     if distributed.is_main():
         print(f"{line}; {mean_std('seconds', 1)} s each")
     return results

@@ -43,6 +43,10 @@ def test_one_epoch_writes_logs_checkpoint_and_weights(cifar10_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("done: seed on cifar10, 1 epochs in ")
     assert "test accuracy" in result.stdout and "epoch   1/1  train loss" in result.stderr
+    # A run with a validation split reports it at the end too: the figure to tune on (the seed
+    # preset has no TTA, so it is the last epoch's).
+    val_acc = re.search(r"val loss \S+ acc (\S+)", result.stderr).group(1)
+    assert f"; validation accuracy {val_acc}; test accuracy " in result.stdout
 
     events = EventAccumulator(str(out))
     events.Reload()
@@ -386,6 +390,10 @@ def test_runs_report_mean_and_std_over_seeds_and_never_write_the_flags(cifar10_d
     accs = [torch.load(out / f"run{i}" / "weights.pt", weights_only=True)["test_accuracy"]
             for i in range(2)]
     assert f"test accuracy {sum(accs) / 2:.4f} ± " in last
+    # The two runs' done lines, then the resumed run1's (its weights.pt written again).
+    val_accs = [float(v) for v in re.findall(r"validation accuracy (\S+);", printed.getvalue())]
+    assert len(val_accs) == 3 and val_accs[2] == val_accs[1]
+    assert f"; validation accuracy {sum(val_accs[:2]) / 2:.4f} ± " in last
     assert f"resuming {out / 'run1'} after epoch 1" in err.getvalue()
     assert [vars(args) for args in (runs, resumed)] == before
     saved = torch.load(out / "run1" / "checkpoint.pt", weights_only=True)["args"]
