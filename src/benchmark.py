@@ -110,12 +110,13 @@ def fastest_line(rows):
 
 
 def timing_study(args, device):
+    batch = args.batch_size or 128
     variants = ["eager"] + [v for v in args.variants.split(",") if v and v != "eager"]
     torch.manual_seed(0)
     model = build_model("seed", 10).to(device).eval()
-    x = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
     rows = forward_study(model, x, variants, device, args.warmup, args.repeats)
-    print(f"Seed net forward, batch {args.batch_size}, float32, {describe(device)}, "
+    print(f"Seed net forward, batch {batch}, float32, {describe(device)}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print(markdown(rows, 1e3, "median ms/batch", rows[0][1]))
 
@@ -127,12 +128,12 @@ def timing_study(args, device):
             net = build_model("seed", 10).to(device)
             net = torch.compile(net) if name == "torch.compile" else net
             try:
-                seconds, first = train_epoch_seconds(net, images, labels, args.batch_size, device)
+                seconds, first = train_epoch_seconds(net, images, labels, batch, device)
                 epoch_rows.append((name, seconds, first, ""))
             except Exception as e:
                 epoch_rows.append((name, None, None, failure_note(e)))
         print(f"\nSeed net, one training epoch of {args.epoch_images} images, "
-              f"batch {args.batch_size}\n")
+              f"batch {batch}\n")
         print(markdown(epoch_rows, 1, "s/epoch (first step excluded)", epoch_rows[0][1]))
     print(f"\n{fastest_line(rows)}")
     return {"forward": ratios_to_first(rows), "epoch": ratios_to_first(epoch_rows)
@@ -211,7 +212,6 @@ def main(argv=None):
     if args.conv:
         ratios = conv_benchmark.study(args, device, *precision)
     else:
-        args.batch_size = args.batch_size or 128
         ratios = timing_study(args, device)
     if args.json:
         with open(args.json, "w") as f:

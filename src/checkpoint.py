@@ -45,7 +45,7 @@ def save_checkpoint(ckpt, folder):
 def as_checkpoint(saved, path):
     """The `Checkpoint` of a loaded file; a file of another layout is one line."""
     names = {f.name for f in dataclasses.fields(Checkpoint)}
-    saved = {"partial": None, "seconds": no_seconds(), **saved}
+    saved = {"partial": None, **saved}
     if set(saved) != names or "processes" not in saved["rng"]:
         raise DataError(f"{path} was written by another version of train.py (another "
                         f"checkpoint layout): it cannot resume here; start a new run")

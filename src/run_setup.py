@@ -149,7 +149,7 @@ class Run:
     """One training run as `set_up` makes it. The training loop trains its model, optimisers
     and generators in place; of its own fields it reassigns only the tallies at the end."""
     args: argparse.Namespace      # the run's flags (a resumed run's own): read, never written
-    device: torch.device
+    device: torch.device          # where the model, the images and every batch live
     world: int                    # processes under torchrun, 1 without
     is_main: bool                 # rank 0: the one process that prints and writes files
     dtype: torch.dtype | None     # the autocast dtype (bf16), None for float32
@@ -157,14 +157,14 @@ class Run:
     autocast: object              # the context every forward pass runs in
     data: dict                    # load_cifar's (classes; the host's test images for figures)
     split: Split                  # the images on the device (data.py)
-    steps_per_epoch: int
+    steps_per_epoch: int          # training images // batch size: the partial last batch dropped
     data_gen: torch.Generator     # on the device: each epoch's order and the augmentations
     model: torch.nn.Module        # the network, whose weights checkpoints and weights.pt keep
     step_model: torch.nn.Module   # what a step calls: the model, in DDP under torchrun,
     #                               compiled with --compile
     optimizers: list              # [SGD], or [SGD, Muon] with --optimizer muon
     schedulers: list              # one LR schedule per optimiser
-    lookahead: Lookahead | None
+    lookahead: Lookahead | None   # the slow weights (--lookahead: the fast presets), else None
     image_size: int | None        # --pretrained: the resolution the backbone runs at
     start_epoch: int              # 0, or for a resumed run the epoch after its checkpoint's
     partial: dict | None          # a resumed run stopped within an epoch: steps, order, sums

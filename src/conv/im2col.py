@@ -44,7 +44,7 @@ def images_per_chunk(xp, out_hw, kernel_size, plan):
     On the CPU (plan.whole off) no larger than the padded input itself either, up to 1 MiB of
     columns regardless: small chunks are reused from the heap, while large ones are fresh
     mappings whose page faults cost more than the gather (glibc maps anything above 32 MiB;
-    batch-1024 layers had chunks of 100+ MB before the cap, docs/conv_performance.md variant
+    without the cap a batch-1024 layer's chunk is 100+ MB, docs/conv_performance.md variant
     2e). Accelerators take the whole batch where it fits (plans.accelerator_chunk_mib)."""
     (ho, wo), (kh, kw) = out_hw, kernel_size
     cols_per_image = ho * wo * kh * kw * xp.shape[1] * xp.element_size()
