@@ -116,6 +116,20 @@ def make_schedulers(optimizers, steps_per_epoch, factor):
             for opt in optimizers]
 
 
+def stop_ended_gradients(optimizers, epoch):
+    """A group marked `trains_epochs` stops getting gradients once that many epochs are done
+    (its LR is 0 from then on, `make_schedulers`, so its weights come out the same): the
+    backward then skips what only it needs. For the fast nets' whitening bias that is the
+    whitening conv's backward and the grad x of the conv after it, about a seventh of
+    fast94's step on the CPU (docs/conv_performance.md). Call it as each epoch starts, in one
+    process only: DistributedDataParallel expects a gradient for every parameter it wraps."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            if "trains_epochs" in group:
+                for p in group["params"]:
+                    p.requires_grad_(epoch < group["trains_epochs"])
+
+
 def lr_schedule(args, total):
     """`lr_factor` over `total` steps with the run's --warmup, --lr-start, --lr-end, --decay."""
     return functools.partial(lr_factor, total=total, warmup=args.warmup,

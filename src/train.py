@@ -30,7 +30,7 @@ from data import DataError, augment, normalize, one_hot
 from device import describe, stopwatch
 from distributed import log
 from evaluate import evaluate
-from optim import logged_lr
+from optim import logged_lr, stop_ended_gradients
 from preemption import Stopped, deferred_stop_signals, stop_error, stop_signalled
 from pretrained import PretrainedError
 from run_setup import get_args, run_label, set_up
@@ -69,6 +69,8 @@ def train_epoch(run, epoch):
     args, split, n_steps = run.args, run.split, run.steps_per_epoch
     clock = stopwatch(run.device)
     run.model.train()
+    if run.world == 1:
+        stop_ended_gradients(run.optimizers, epoch)
     first, perm, loss_sum, correct = epoch_start(run, epoch)
     bar = tqdm(range(first, n_steps), desc=f"epoch {epoch + 1}/{args.epochs}", initial=first,
                total=n_steps, leave=False, file=sys.stderr, dynamic_ncols=True,

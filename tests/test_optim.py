@@ -5,7 +5,7 @@ import torch
 
 from model import build_model
 from optim import (FilterMuon, lookahead_decay, lookahead_pull, lookahead_state, lr_schedule,
-                   make_optimizers, make_schedulers)
+                   make_optimizers, make_schedulers, stop_ended_gradients)
 from run_setup import get_args
 
 
@@ -48,6 +48,29 @@ def test_the_whitening_bias_stops_training_after_its_epochs():
     assert not torch.equal(biases[10], biases[11])          # step 12 (index 11) still trains
     assert all(torch.equal(biases[11], b) for b in biases[12:])
     assert sgd.param_groups[0]["lr"] > 0
+
+
+def test_a_group_whose_training_ended_gets_no_gradient_and_the_weights_stay_the_same():
+    torch.manual_seed(0)
+    stopped, kept = build_model("fast94"), build_model("fast94")
+    kept.load_state_dict(stopped.state_dict())
+    args = fast94_args("--epochs", "5")
+    x = torch.randn(8, 3, 32, 32)
+    steps = {}
+    for model in (stopped, kept):
+        opts = make_optimizers(model, args)
+        steps[model] = opts, make_schedulers(opts, 1, lr_schedule(args, args.epochs))
+    for epoch in range(5):                                    # one step per epoch
+        stop_ended_gradients(steps[stopped][0], epoch)
+        assert stopped.whiten.bias.requires_grad == (epoch < 3)
+        for model, (opts, scheds) in steps.items():
+            opts[0].zero_grad()
+            model(x).square().mean().backward()
+            opts[0].step()
+            scheds[0].step()
+    assert stopped.whiten.bias.grad is None and kept.whiten.bias.grad is not None
+    for (name, a), b in zip(stopped.state_dict().items(), kept.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_muon_updates_the_conv_filters_through_matrices_sharing_their_storage():
