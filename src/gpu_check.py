@@ -83,7 +83,8 @@ def get_args(argv=None):
                             "part runs both")
     p.add_argument("--data-dir",
                    help="CIFAR-10 in its python layout (default: synthetic files in OUT)")
-    p.add_argument("--out", help="results folder (default: runs/gpu-check-<timestamp>)")
+    p.add_argument("--out", default=os.path.join("runs", time.strftime("gpu-check-%Y%m%d-%H%M%S")),
+                   help="results folder (default: runs/gpu-check-<timestamp>)")
     p.add_argument("--tiny", action="store_true", help="every part at a toy size (a dry run)")
     p.add_argument("--skip", default="", metavar="PARTS",
                    help=f"comma-separated parts to leave out, from: {', '.join(PARTS)}")
@@ -91,7 +92,6 @@ def get_args(argv=None):
     unknown = set(args.skip.split(",")) - set(PARTS) - {""}
     if unknown:
         p.error(f"unknown parts: {', '.join(sorted(unknown))}")
-    args.out = args.out or os.path.join("runs", time.strftime("gpu-check-%Y%m%d-%H%M%S"))
     return args
 
 

@@ -32,7 +32,8 @@ def get_args(argv=None):
                    help="seconds for everything, calibration included (default 600)")
     cli.add_device_flags(p, "Every job runs at it, and the steps that make the estimates")
     p.add_argument("--data-dir", default="data")
-    p.add_argument("--out", help="results folder (default: runs/reproduce-<timestamp>)")
+    p.add_argument("--out", default=os.path.join("runs", time.strftime("reproduce-%Y%m%d-%H%M%S")),
+                   help="results folder (default: runs/reproduce-<timestamp>)")
     p.add_argument("--only", metavar="NAMES",
                    help=f"comma-separated jobs, from: {', '.join(jobs.NAMES)}")
     args = p.parse_args(argv)
@@ -42,7 +43,6 @@ def get_args(argv=None):
     if args.only is not None and (not only or only - set(jobs.NAMES)):
         p.error(f"unknown jobs: {', '.join(sorted(only - set(jobs.NAMES))) or repr(args.only)}; "
                 f"choose from {', '.join(jobs.NAMES)}")
-    args.out = args.out or os.path.join("runs", f"reproduce-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(os.path.join(args.out, "results.json")):
         p.error(f"{args.out} holds the results of an earlier run; give another --out")
     return args

@@ -95,31 +95,41 @@ def make_parser():
 
 
 def get_args(argv=None):
-    """The flags, with the preset's values wherever a flag is not given."""
+    """The run's flags: those given, the preset's values for the rest and what follows from
+    them (`resolved`), in a namespace of their own; read, never written, from here on."""
     p = make_parser()
-    args = p.parse_args(argv)
+    parsed = p.parse_args(argv)
     # The flags the command line set, even to their default value (argparse fills in only what
     # a namespace lacks): a resumed run refuses to change its own (see check_resume_flags).
     unset = object()
-    typed = p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
-    args.given = sorted(k for k, v in vars(typed).items() if v is not unset)
-    if args.pretrained:
-        args.model = args.pretrained
-        args.preset = args.preset or "finetune"
-    if args.preset is None:
-        args.preset = args.model if args.model in PRESETS else "seed"
-    for key, value in PRESETS[args.preset].items():
-        # --resume keeps the run's clipping unless --grad-clip is given (see train())
-        if getattr(args, key, None) is None and not (args.resume and key == "grad_clip"):
-            setattr(args, key, value)
-    if args.model not in MODELS:      # --preset finetune alone: the preset's backbone
-        args.pretrained = args.model
-    if args.precision is None and not args.resume:   # a resume keeps its run's, unless given
-        args.precision = "auto"
+    typed = p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(parsed)}))
+    given = sorted(k for k, v in vars(typed).items() if v is not unset)
+    args = argparse.Namespace(**(vars(parsed) | resolved(parsed)), given=given)
     check_args(p, args)
-    if args.out is None:
-        args.out = os.path.join("runs", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     return args
+
+
+def resolved(parsed):
+    """The values the flags given imply: the preset (that of --model, finetune with
+    --pretrained, else seed), its value of every flag left out, the backbone, the precision
+    and the run folder."""
+    pretrained = parsed.pretrained
+    model = pretrained or parsed.model
+    preset = parsed.preset or ("finetune" if pretrained else
+                               model if model in PRESETS else "seed")
+    values = {"preset": preset, "model": model}
+    for key, value in PRESETS[preset].items():
+        # --resume keeps the run's clipping unless --grad-clip is given (see train())
+        if values.get(key, getattr(parsed, key, None)) is None and not (
+                parsed.resume and key == "grad_clip"):
+            values[key] = value
+    if values["model"] not in MODELS:      # --preset finetune alone: the preset's backbone
+        values["pretrained"] = values["model"]
+    if parsed.precision is None and not parsed.resume:   # a resume keeps its run's, unless given
+        values["precision"] = "auto"
+    if parsed.out is None:
+        values["out"] = os.path.join("runs", f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return values
 
 
 def check_args(p, args):

@@ -244,14 +244,9 @@ def finish(run):
     """The test set, touched once here after every choice has been made (with and without
     TTA), the weights file, TensorBoard's last entries and the run's one-line summary."""
     args, device, model, split = run.args, run.device, run.model, run.split
-    eval_clock = stopwatch(device)
-    with run.autocast:
-        tta_loss, test_acc, predictions = evaluate(model, split.test_x, split.test_y, split.mean,
-                                                   split.std, tta=args.tta, predictions=True)
-    run.timed_seconds += eval_clock()
-    with run.autocast:
-        test_loss, test_acc_plain = evaluate(model, split.test_x, split.test_y, split.mean,
-                                             split.std) if args.tta else (tta_loss, test_acc)
+    test_acc, test_acc_plain, test_loss, predictions, seconds = with_and_without_tta(
+        run, split.test_x, split.test_y)
+    run.timed_seconds += seconds
     val_note, val_acc = final_validation(run)
     weights_path = os.path.join(args.out, "weights.pt")
     if run.is_main:
@@ -287,13 +282,24 @@ def final_validation(run):
     args, split = run.args, run.split
     if not len(split.val_x):
         return "", None
-    with run.autocast:
-        _, acc = evaluate(run.model, split.val_x, split.val_y, split.mean, split.std,
-                          tta=args.tta)
-        _, plain = evaluate(run.model, split.val_x, split.val_y, split.mean,
-                            split.std) if args.tta else (None, acc)
+    acc, plain, *_ = with_and_without_tta(run, split.val_x, split.val_y)
     tta = f" with TTA {args.tta} ({plain:.4f} without)" if args.tta else ""
     return f"validation accuracy {acc:.4f}{tta}; ", acc
+
+
+def with_and_without_tta(run, images, labels):
+    """The final model's (accuracy with the run's TTA, accuracy and loss without, predictions
+    with TTA, seconds of the evaluation with TTA): one evaluation where the run has no TTA."""
+    split, tta = run.split, run.args.tta
+    clock = stopwatch(run.device)
+    with run.autocast:
+        tta_loss, acc, predictions = evaluate(run.model, images, labels, split.mean, split.std,
+                                              tta=tta, predictions=True)
+    seconds = clock()
+    with run.autocast:
+        loss, plain = evaluate(run.model, images, labels, split.mean,
+                               split.std) if tta else (tta_loss, acc)
+    return acc, plain, loss, predictions, seconds
 
 
 def over_starts(starts):
