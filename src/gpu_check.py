@@ -89,6 +89,8 @@ def get_args(argv=None):
     p.add_argument("--skip", default="", metavar="PARTS",
                    help=f"comma-separated parts to leave out, from: {', '.join(PARTS)}")
     args = p.parse_args(argv)
+    if not args.out:
+        p.error("--out must name a folder")
     unknown = set(args.skip.split(",")) - set(PARTS) - {""}
     if unknown:
         p.error(f"unknown parts: {', '.join(sorted(unknown))}")

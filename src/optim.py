@@ -120,14 +120,22 @@ def stop_ended_gradients(optimizers, epoch):
     """A group marked `trains_epochs` stops getting gradients once that many epochs are done
     (its LR is 0 from then on, `make_schedulers`, so its weights come out the same): the
     backward then skips what only it needs. For the fast nets' whitening bias that is the
-    whitening conv's backward and the grad x of the conv after it, about a seventh of
-    fast94's step on the CPU (docs/conv_performance.md). Call it as each epoch starts, in one
-    process only: DistributedDataParallel expects a gradient for every parameter it wraps."""
+    whitening conv's backward and the grad x of the conv after it, about a tenth of fast94's
+    epoch on the CPU (docs/conv_performance.md). Call it as each epoch starts, in one process
+    only: DistributedDataParallel expects a gradient for every parameter it wraps."""
     for opt in optimizers:
         for group in opt.param_groups:
             if "trains_epochs" in group:
                 for p in group["params"]:
                     p.requires_grad_(epoch < group["trains_epochs"])
+
+
+def gradient_epochs(optimizers, start, end):
+    """The epochs of start..end-1 from which `stop_ended_gradients` gives another set of
+    parameters gradients, `start` first: a compiled step is another graph from each on."""
+    ends = {g["trains_epochs"] for opt in optimizers for g in opt.param_groups
+            if "trains_epochs" in g}
+    return [start] + sorted(e for e in ends if start < e < end)
 
 
 def lr_schedule(args, total):

@@ -43,6 +43,8 @@ def get_args(argv=None):
     if args.only is not None and (not only or only - set(jobs.NAMES)):
         p.error(f"unknown jobs: {', '.join(sorted(only - set(jobs.NAMES))) or repr(args.only)}; "
                 f"choose from {', '.join(jobs.NAMES)}")
+    if not args.out:
+        p.error("--out must name a folder")
     if os.path.exists(os.path.join(args.out, "results.json")):
         p.error(f"{args.out} holds the results of an earlier run; give another --out")
     return args

@@ -21,7 +21,8 @@ from device import describe, keep_freed_memory, machine, optimize_for_device, pi
 from distributed import log
 from evaluate import TTA_LEVELS
 from model import MODELS, FastNet, build_model
-from optim import Lookahead, lr_schedule, make_optimizers, make_schedulers
+from optim import (Lookahead, gradient_epochs, lr_schedule, make_optimizers, make_schedulers,
+                   stop_ended_gradients)
 from precision import autocast as precision_autocast, disable_tf32, pick_precision
 from precision import describe as describe_precision
 from presets import PRESETS
@@ -239,7 +240,8 @@ def set_up(args, argv, signals, closing):
     run = Run(args=args, device=device, world=world, is_main=distributed.is_main(), dtype=dtype,
               precision=describe_precision(dtype, why), autocast=autocast, data=data,
               split=split, steps_per_epoch=steps_per_epoch, data_gen=data_gen, model=model,
-              step_model=step_model(args, model, split, device, autocast),
+              step_model=step_model(args, model, split, device, autocast, optimizers,
+                                    start_epoch),
               optimizers=optimizers, schedulers=schedulers, lookahead=lookahead,
               image_size=image_size, start_epoch=start_epoch, partial=partial,
               test_every=test_curve_every(args, split), signals=signals, writer=None,
@@ -356,7 +358,7 @@ def choose_conv_plans(args, ckpt, model, split, device, autocast):
     conv_plans.set_measuring(False)
 
 
-def step_model(args, model, split, device, autocast):
+def step_model(args, model, split, device, autocast, optimizers, start_epoch):
     """What the training step calls: the model, in DDP under torchrun, compiled with --compile
     (on one batch before the clock runs, every weight and statistic put back after)."""
     wrapped = distributed.wrap(model, device)
@@ -365,11 +367,18 @@ def step_model(args, model, split, device, autocast):
     compiled = torch.compile(wrapped)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     compile_clock = stopwatch(device)
+    # In one process each epoch from which other parameters get gradients (train_epoch calls
+    # optim.stop_ended_gradients) is another graph: all are compiled here, none on the clock.
+    firsts = gradient_epochs(optimizers, start_epoch, args.epochs) \
+        if distributed.world_size() == 1 else []
     # The warm-up's dropout draws leave the RNG as they found it: a resume stays exact.
     with torch.random.fork_rng(devices=[device] if accelerator_rng(device) else [],
                                device_type=device.type), autocast:
-        compiled(normalize(split.train_x[:args.batch_size // distributed.world_size()],
-                           split.mean, split.std)).float().sum().backward()
+        for epoch in firsts or [None]:
+            if epoch is not None:
+                stop_ended_gradients(optimizers, epoch)
+            compiled(normalize(split.train_x[:args.batch_size // distributed.world_size()],
+                               split.mean, split.std)).float().sum().backward()
     model.zero_grad(set_to_none=True)
     model.load_state_dict(saved)
     log(f"compiled in {compile_clock():.1f}s (not counted in the times below)")

@@ -52,10 +52,13 @@ def test_the_gpu_checks_muon_part_trains_on_the_cpu(tmp_path):
     assert muon["ok"] and muon["train"].startswith("done: fast94 on cifar10, 1 epochs in ")
 
 
-def test_an_unknown_part_is_one_line(tmp_path):
+def test_an_unknown_part_and_an_empty_out_are_one_line(tmp_path):
     result = run_main("gpu_check.py", "--skip", "conv,warp", "--out", tmp_path)
     assert result.returncode == 2
     assert result.stderr == "error: gpu_check.py: unknown parts: warp (see --help)\n"
+    empty = run_main("gpu_check.py", "--out", "")
+    assert (empty.returncode, empty.stderr) == (2, "error: gpu_check.py: --out must name a "
+                                                   "folder (see --help)\n")
 
 
 def test_the_check_trains_without_measuring_the_conv_so_a_resume_can_match_bit_for_bit():

@@ -129,6 +129,7 @@ def test_a_missing_dataset_skips_its_jobs(tmp_path, cifar10_dir):
                         "(see --help)"),
     (["--budget", "inf"], "reproduce.py: --budget must be a positive number of seconds "
                           "(see --help)"),
+    (["--out", ""], "reproduce.py: --out must name a folder (see --help)"),
 ])
 def test_bad_flags_are_one_line(flags, message):
     result = run_main("reproduce.py", *flags)
