@@ -183,7 +183,7 @@ def run_jobs(selected, costs, target, reasons, deadline, clock, write):
             row["note"] = reason or (f"its networks' steps were not timed within the "
                                      f"calibration's share of the budget; {left}")
         elif not fits:
-            row["note"] = f"needs about {estimate:,.0f} s here, {left}"
+            row["note"] = f"needs about {row['estimate']:,.0f} s here, {left}"  # as kept
         else:
             row.update(run_job(job, flags, estimate, target, deadline, clock))
         rows.append(row)
