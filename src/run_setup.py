@@ -369,13 +369,14 @@ def step_model(args, model, split, device, autocast, optimizers, start_epoch):
     compile_clock = stopwatch(device)
     # In one process each epoch from which other parameters get gradients (train_epoch calls
     # optim.stop_ended_gradients) is another graph: all are compiled here, none on the clock.
-    firsts = gradient_epochs(optimizers, start_epoch, args.epochs) \
-        if distributed.world_size() == 1 else []
+    one_process = distributed.world_size() == 1
+    firsts = gradient_epochs(optimizers, start_epoch, args.epochs) if one_process \
+        else [start_epoch]
     # The warm-up's dropout draws leave the RNG as they found it: a resume stays exact.
     with torch.random.fork_rng(devices=[device] if accelerator_rng(device) else [],
                                device_type=device.type), autocast:
-        for epoch in firsts or [None]:
-            if epoch is not None:
+        for epoch in firsts:
+            if one_process:
                 stop_ended_gradients(optimizers, epoch)
             compiled(normalize(split.train_x[:args.batch_size // distributed.world_size()],
                                split.mean, split.std)).float().sum().backward()
